@@ -1,0 +1,247 @@
+"""The Gaussian model: parameters, initialisation, and files.
+
+A model holds N anisotropic 3D Gaussians. Each has a mean (Å, x y z), a rotation (unit quaternion
+w x y z), log-scales (log Å; the scales are the standard deviations along the principal axes) and a
+log-amplitude; the amplitude is the Gaussian's integrated mass and stays positive.
+
+File formats
+    ``.npz`` / ``.pt``: arrays ``means [N,3]`` (Å), ``quats [N,4]`` (w, x, y, z), ``scales [N,3]``
+    (Å, activated) and ``amplitudes [N]`` (integrated mass), plus ``format = "cryogs-gaussians-1"``.
+    ``.ply``: the 3D Gaussian splatting layout (x y z, nx ny nz, f_dc_0..2, opacity, scale_0..2 as
+    log-scales, rot_0..3 as w x y z), so splat viewers open it; colour and opacity encode the
+    relative amplitude. It is for viewing; load models from ``.npz`` or ``.pt``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conventions import matrix_to_quat
+from .errors import CryogsError
+
+FORMAT = "cryogs-gaussians-1"
+
+
+class GaussianModel(nn.Module):
+    """N Gaussians with unconstrained parameters suited to gradient descent."""
+
+    def __init__(self, means, quats, scales, amplitudes):
+        super().__init__()
+        means, quats, scales, amplitudes = (torch.as_tensor(x, dtype=torch.float32)
+                                            for x in (means, quats, scales, amplitudes))
+        n = means.shape[0]
+        if n == 0:
+            raise CryogsError("a Gaussian model needs at least one Gaussian (N = 0)")
+        if means.shape != (n, 3) or quats.shape != (n, 4) or scales.shape != (n, 3) or amplitudes.shape != (n,):
+            raise CryogsError("inconsistent Gaussian parameter shapes: means [N,3], quats [N,4], scales [N,3], "
+                              f"amplitudes [N] expected, got {list(means.shape)}, {list(quats.shape)}, "
+                              f"{list(scales.shape)}, {list(amplitudes.shape)}")
+        if (scales <= 0).any() or (amplitudes <= 0).any():
+            raise CryogsError("Gaussian scales and amplitudes must be positive")
+        self.means = nn.Parameter(means.clone())
+        self.quats = nn.Parameter(quats / quats.norm(dim=-1, keepdim=True))
+        self.log_scales = nn.Parameter(scales.log())
+        self.log_amplitudes = nn.Parameter(amplitudes.log())
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.log_scales.exp()
+
+    @property
+    def amplitudes(self) -> torch.Tensor:
+        return self.log_amplitudes.exp()
+
+    def forward(self):
+        """``(means, quats, scales, amplitudes)`` ready for :func:`cryogs.project`."""
+        return self.means, self.quats, self.scales, self.amplitudes
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            q = self.quats / self.quats.norm(dim=-1, keepdim=True)
+            return {"means": self.means.cpu().numpy(), "quats": q.cpu().numpy(),
+                    "scales": self.scales.cpu().numpy(), "amplitudes": self.amplitudes.cpu().numpy()}
+
+    # ------------------------------------------------------------------ initialisation
+    @classmethod
+    def random(cls, n: int, radius: float, scale: float, total_mass: float, *, seed: int = 0) -> GaussianModel:
+        """``n`` isotropic Gaussians uniform inside a sphere of ``radius`` Å, sharing ``total_mass``."""
+        if n <= 0:
+            raise CryogsError(f"the number of Gaussians must be positive, got {n}")
+        g = torch.Generator().manual_seed(seed)
+        direction = torch.randn(n, 3, generator=g)
+        direction /= direction.norm(dim=-1, keepdim=True)
+        r = radius * torch.rand(n, 1, generator=g) ** (1 / 3)
+        quats = torch.zeros(n, 4)
+        quats[:, 0] = 1
+        return cls(direction * r, quats, torch.full((n, 3), scale), torch.full((n,), total_mass / n))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> GaussianModel:
+        return cls(arrays["means"], arrays["quats"], arrays["scales"], arrays["amplitudes"])
+
+    @classmethod
+    def from_atoms(cls, atoms: "AtomSet", *, per: str = "atom", min_sigma: float = 0.0) -> GaussianModel:
+        """One Gaussian per atom (isotropic, ``σ² = B/8π² + min_sigma²``) or per residue.
+
+        A residue's Gaussian has the mass-weighted centre and covariance of its atoms (each atom
+        counted with its own σ²), and the summed mass, so it is the best single-Gaussian fit.
+        """
+        sig2 = atoms.sigma ** 2 + min_sigma ** 2
+        if per == "atom":
+            quats = np.tile([1.0, 0.0, 0.0, 0.0], (len(atoms.mass), 1))
+            s = np.sqrt(sig2)[:, None].repeat(3, 1)
+            return cls(atoms.xyz, quats, s, atoms.mass)
+        if per != "residue":
+            raise CryogsError(f"per must be 'atom' or 'residue', got {per!r}")
+        groups = np.unique(atoms.residue)
+        means, covs, mass = [], [], []
+        for r in groups:
+            sel = atoms.residue == r
+            m = atoms.mass[sel]
+            mu = (atoms.xyz[sel] * m[:, None]).sum(0) / m.sum()
+            d = atoms.xyz[sel] - mu
+            cov = (m[:, None, None] * (d[:, :, None] * d[:, None, :] + sig2[sel, None, None] * np.eye(3))).sum(0)
+            means.append(mu)
+            covs.append(cov / m.sum())
+            mass.append(m.sum())
+        evals, evecs = np.linalg.eigh(np.stack(covs))
+        evecs *= np.sign(np.linalg.det(evecs))[:, None, None]  # proper rotations
+        return cls(np.stack(means), matrix_to_quat(torch.from_numpy(evecs)).numpy(),
+                   np.sqrt(np.clip(evals, 1e-6, None)), np.asarray(mass))
+
+    @classmethod
+    def from_map(cls, volume: np.ndarray, pixel_size: float, n: int, *, scale: float | None = None) -> GaussianModel:
+        """Up to ``n`` isotropic Gaussians at the highest local maxima of a ``V[z,y,x]`` map.
+
+        ``volume`` is mass per voxel on the cryogs grid (centre at D//2). Amplitudes are set from
+        each peak's height and then rescaled so the model's mass equals the map's positive mass.
+        """
+        from scipy.ndimage import gaussian_filter, maximum_filter
+
+        if volume.ndim != 3 or len(set(volume.shape)) != 1:
+            raise CryogsError(f"the map must be a cube, got shape {volume.shape}")
+        sigma_vox = 1.0 if scale is None else scale / pixel_size
+        smooth = gaussian_filter(volume.astype(np.float64), sigma_vox)
+        peaks = (smooth == maximum_filter(smooth, size=3)) & (smooth > 0)
+        zyx = np.argwhere(peaks)
+        if len(zyx) == 0:
+            raise CryogsError("the map has no positive peaks to place Gaussians on")
+        heights = smooth[peaks]
+        order = np.argsort(-heights)[:n]
+        zyx, heights = zyx[order], heights[order]
+        c = volume.shape[0] // 2
+        means = (zyx[:, ::-1] - c) * pixel_size
+        s = sigma_vox * pixel_size
+        amps = heights * (2 * math.pi) ** 1.5 * sigma_vox ** 3
+        amps *= np.clip(volume, 0, None).sum() / amps.sum()
+        quats = np.tile([1.0, 0.0, 0.0, 0.0], (len(amps), 1))
+        return cls(means, quats, np.full((len(amps), 3), s), amps)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write ``.npz`` or ``.pt`` (documented above) atomically, or ``.ply`` for splat viewers."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as fh:
+                np.savez(fh, format=FORMAT, **self.arrays())
+        elif path.suffix == ".pt":
+            torch.save({"format": FORMAT, **{k: torch.from_numpy(v) for k, v in self.arrays().items()}}, tmp)
+        elif path.suffix == ".ply":
+            _write_ply(tmp, self.arrays())
+        else:
+            raise CryogsError(f"{path}: unknown Gaussian file type (use .npz, .pt or .ply)")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> GaussianModel:
+        path = Path(path)
+        if not path.exists():
+            raise CryogsError(f"{path}: no such Gaussian model file")
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif path.suffix == ".pt":
+            arrays = {k: (v.numpy() if torch.is_tensor(v) else v)
+                      for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+        else:
+            raise CryogsError(f"{path}: load Gaussian models from .npz or .pt files")
+        if str(arrays.get("format")) != FORMAT:
+            raise CryogsError(f"{path}: not a cryogs Gaussian file (format {arrays.get('format')!r})")
+        return cls.from_arrays(arrays)
+
+
+def _write_ply(path, arrays) -> None:
+    n = len(arrays["amplitudes"])
+    fields = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
+              + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
+    rel = arrays["amplitudes"] / arrays["amplitudes"].max()
+    opacity = np.clip(rel, 1e-4, 1 - 1e-4)
+    grey = (0.2 + 0.8 * rel - 0.5) / 0.28209479177387814  # degree-0 spherical harmonic of the colour
+    cols = np.zeros((n, len(fields)), np.float32)
+    cols[:, 0:3] = arrays["means"]
+    cols[:, 6:9] = grey[:, None]
+    cols[:, 9] = np.log(opacity / (1 - opacity))
+    cols[:, 10:13] = np.log(arrays["scales"])
+    cols[:, 13:17] = arrays["quats"]
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
+    header += [f"property float {f}" for f in fields] + ["end_header"]
+    with open(path, "wb") as fh:
+        fh.write(("\n".join(header) + "\n").encode("ascii"))
+        fh.write(cols.astype("<f4").tobytes())
+
+
+class AtomSet:
+    """Atoms of a model read with gemmi: positions (Å), mass (electrons, Z), B-factor width, residue id."""
+
+    def __init__(self, xyz, mass, sigma, residue):
+        self.xyz, self.mass, self.sigma, self.residue = xyz, mass, sigma, residue
+
+    @classmethod
+    def read(cls, path, *, centre: bool = True) -> AtomSet:
+        """Read PDB or mmCIF. Waters are dropped; with ``centre`` the mass centre moves to the origin."""
+        import gemmi
+
+        try:
+            st = gemmi.read_structure(str(path))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise CryogsError(f"{path}: cannot read atomic model: {exc}") from None
+        st.remove_waters()
+        xyz, z, b, res = [], [], [], []
+        for ci, chain in enumerate(st[0]):
+            for ri, residue in enumerate(chain):
+                polymer = (info := gemmi.find_tabulated_residue(residue.name)) is not None and (
+                    info.is_amino_acid() or info.is_nucleic_acid())
+                for atom in residue:
+                    xyz.append(atom.pos.tolist())
+                    z.append(_element_number(atom, polymer))
+                    b.append(atom.b_iso)
+                    res.append(ci * 1_000_000 + ri)
+        if not xyz:
+            raise CryogsError(f"{path}: the atomic model has no atoms")
+        xyz, z = np.asarray(xyz), np.asarray(z, dtype=np.float64)
+        keep = z > 0
+        xyz, z, b, res = xyz[keep], z[keep], np.asarray(b)[keep], np.asarray(res)[keep]
+        if centre:
+            xyz = xyz - (xyz * z[:, None]).sum(0) / z.sum()
+        return cls(xyz, z, np.sqrt(np.clip(b, 0, None) / (8 * math.pi ** 2)), res)
+
+
+def _element_number(atom, polymer: bool) -> int:
+    """Atomic number; for polymer residues it comes from the atom name, since files with a blank
+    element column (CHARMM-style PDBs) make gemmi guess CA as calcium and HG as mercury."""
+    import gemmi
+
+    if polymer:
+        letter = atom.name.lstrip("0123456789")[:1]
+        if letter in ("C", "N", "O", "S", "H", "P"):
+            return gemmi.Element(letter).atomic_number
+    return atom.element.atomic_number

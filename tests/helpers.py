@@ -1,0 +1,19 @@
+"""Random Gaussian mixtures and poses shared by the tests."""
+import torch
+
+from cryogs.conventions import random_rotations
+
+
+def random_mixture(n, gen, *, spread=8.0, scale_range=(1.5, 4.0), dtype=torch.float64):
+    means = torch.randn(n, 3, generator=gen, dtype=dtype) * spread
+    quats = torch.randn(n, 4, generator=gen, dtype=dtype)
+    lo, hi = scale_range
+    scales = lo + (hi - lo) * torch.rand(n, 3, generator=gen, dtype=dtype)
+    amps = 0.5 + torch.rand(n, generator=gen, dtype=dtype)
+    return means, quats, scales, amps
+
+
+def random_poses(b, gen, *, max_shift=4.0, dtype=torch.float64):
+    rot = random_rotations(b, generator=gen, dtype=dtype)
+    shifts = (torch.rand(b, 2, generator=gen, dtype=dtype) * 2 - 1) * max_shift
+    return rot, shifts

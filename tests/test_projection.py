@@ -1,0 +1,189 @@
+"""The forward model Γ against closed forms, an independent voxel projector, and float64 gradcheck."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cryogs import CryogsError, project, voxelize
+from cryogs.conventions import euler_to_matrix
+from cryogs.gaussian_math import CUTOFF_SIGMA, preprocess
+
+from helpers import random_mixture, random_poses
+
+F64 = torch.float64
+
+
+def _one(mean, scales, amp=2.5, quat=(1.0, 0.0, 0.0, 0.0)):
+    return (torch.tensor([mean], dtype=F64), torch.tensor([quat], dtype=F64),
+            torch.tensor([scales], dtype=F64), torch.tensor([amp], dtype=F64))
+
+
+@pytest.mark.parametrize("backend", ["dense", "torch"])
+def test_single_gaussian_integral_peak_and_centre(rng, backend):
+    p, D = 1.7, 64
+    R, sh = random_poses(1, rng, max_shift=6.0)
+    sx, sy, sz = (2.0 + 3 * torch.rand(3, generator=rng, dtype=F64)).tolist()
+    quat = torch.randn(4, generator=rng, dtype=F64).tolist()
+    mean = (torch.randn(3, generator=rng, dtype=F64) * 5).tolist()
+    g = _one(mean, [sx, sy, sz], quat=quat)
+    img = project(*g, R, sh, box_size=D, pixel_size=p, backend=backend)[0]
+    cut = 1.0 if backend == "dense" else 1 - math.exp(-CUTOFF_SIGMA ** 2 / 2)
+    assert float(img.sum()) == pytest.approx(2.5 * cut, rel=1e-6 if backend == "dense" else 2e-3)
+    # centroid is the projected mean: (A μ)_xy / p + D//2 − origin / p
+    expected = (R[0] @ torch.tensor(mean, dtype=F64))[:2] / p + D // 2 - sh[0] / p
+    ys, xs = torch.meshgrid(torch.arange(D, dtype=F64), torch.arange(D, dtype=F64), indexing="ij")
+    centroid = torch.stack([(img * xs).sum(), (img * ys).sum()]) / img.sum()
+    assert torch.allclose(centroid, expected, atol=1e-3 if backend == "dense" else 2e-2)
+    # covariance is the top-left block of A Σ Aᵀ (in px²)
+    from cryogs.gaussian_math import covariance_3d
+    S = (R[0] @ covariance_3d(g[1], g[2])[0] @ R[0].T)[:2, :2] / p ** 2
+    dx, dy = xs - centroid[0], ys - centroid[1]
+    cov = torch.stack([(img * dx * dx).sum(), (img * dx * dy).sum(), (img * dy * dy).sum()]) / img.sum()
+    tol = 1e-3 if backend == "dense" else 0.05
+    assert torch.allclose(cov, torch.stack([S[0, 0], S[0, 1], S[1, 1]]), rtol=tol, atol=tol)
+
+
+def test_peak_value_of_axis_aligned_gaussian():
+    p, D, amp = 2.0, 33, 3.0
+    img = project(*_one([4.0, -6.0, 1.0], [3.0, 5.0, 7.0], amp), torch.eye(3, dtype=F64)[None], None,
+                  box_size=D, pixel_size=p, backend="dense")[0]
+    # mean lands exactly on pixel (x, y) = (16 + 2, 16 − 3); peak = m / (2π σx σy) in px units
+    assert float(img[13, 18]) == pytest.approx(amp / (2 * math.pi * (3 / p) * (5 / p)), rel=1e-12)
+    assert float(img.max()) == float(img[13, 18])
+
+
+def test_shift_translates_by_minus_origin():
+    p, D = 1.5, 40
+    g = _one([0.0, 0.0, 0.0], [3.0, 3.0, 3.0])
+    R = torch.eye(3, dtype=F64)[None]
+    centred = project(*g, R, None, box_size=D, pixel_size=p, backend="dense")[0]
+    origin = torch.tensor([[3 * p, -5 * p]], dtype=F64)  # whole pixels: (+3, −5)
+    shifted = project(*g, R, origin, box_size=D, pixel_size=p, backend="dense")[0]
+    assert torch.allclose(shifted, torch.roll(centred, shifts=(5, -3), dims=(0, 1)), atol=1e-12)
+
+
+def test_backends_agree_within_cutoff_bound(rng):
+    D, p = 40, 1.2
+    g = random_mixture(25, rng)
+    R, sh = random_poses(3, rng)
+    exact = project(*g, R, sh, box_size=D, pixel_size=p, backend="dense")
+    splat = project(*g, R, sh, box_size=D, pixel_size=p, backend="torch")
+    truncated = project(*g, R, sh, box_size=D, pixel_size=p, backend="dense", cutoff=CUTOFF_SIGMA)
+    assert torch.allclose(splat, truncated, atol=1e-13, rtol=0)
+    _, _, w, _ = preprocess(*g, R, sh, box_size=D, pixel_size=p)
+    bound = (w.sum(1) * math.exp(-CUTOFF_SIGMA ** 2 / 2))[:, None, None]
+    diff = exact - splat
+    assert (diff >= -1e-13).all() and (diff <= bound).all()
+    assert diff.abs().max() > 0  # the bound is not vacuous: the cutoff does drop something
+
+
+def _trilinear_projection(vol, A, D):
+    """Independent projector: sample V(Aᵀ r) with trilinear interpolation and sum over z."""
+    c = torch.arange(D, dtype=vol.dtype) - D // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    r = torch.stack([x, y, z], -1).reshape(-1, 3)  # image coordinates (px)
+    m = r @ A  # rows are Aᵀ r: map coordinates
+    grid = (2 * (m + D // 2) / (D - 1) - 1).reshape(1, D, D, D, 3)  # grid_sample wants (x, y, z)
+    s = F.grid_sample(vol[None, None], grid, mode="bilinear", align_corners=True, padding_mode="zeros")
+    return s[0, 0].sum(0)  # sum over the z axis of the image frame
+
+
+def test_rotation_convention_against_voxel_projector(rng):
+    D, p = 40, 2.0
+    g = random_mixture(12, rng, spread=9.0, scale_range=(3.0, 7.0))
+    vol = voxelize(*g, box_size=D, pixel_size=p)
+    R, _ = random_poses(5, rng)
+    gamma = project(*g, R, None, box_size=D, pixel_size=p, backend="dense")
+    for b in range(len(R)):
+        ref = _trilinear_projection(vol, R[b], D)
+        corr = torch.corrcoef(torch.stack([ref.flatten(), gamma[b].flatten()]))[0, 1]
+        assert corr >= 0.999, f"pose {b}: correlation {corr:.4f}"
+    # the test can fail: the transposed convention does not match
+    wrong = _trilinear_projection(vol, R[0].T, D)
+    assert torch.corrcoef(torch.stack([wrong.flatten(), gamma[0].flatten()]))[0, 1] < 0.99
+
+
+def test_rotation_convention_with_relion_euler_angles():
+    """A Gaussian at +x in the map, seen at tilt 90°: RELION's A maps it to −z, so it lands at the centre."""
+    D, p = 32, 1.0
+    g = _one([6.0, 0.0, 0.0], [1.5, 1.5, 1.5])
+    A = euler_to_matrix(torch.tensor([[0.0, 90.0, 0.0]], dtype=F64))
+    img = project(*g, A, None, box_size=D, pixel_size=p, backend="dense")[0]
+    assert divmod(int(img.argmax()), D) == (D // 2, D // 2)
+    A = euler_to_matrix(torch.tensor([[90.0, 0.0, 0.0]], dtype=F64))  # rot 90°: +x goes to −y
+    img = project(*g, A, None, box_size=D, pixel_size=p, backend="dense")[0]
+    assert divmod(int(img.argmax()), D) == (D // 2 - 6, D // 2)
+
+
+@pytest.mark.parametrize("backend", ["dense", "torch"])
+def test_gradcheck_every_parameter_including_pose(rng, backend):
+    D, p = 14, 1.3
+    g = random_mixture(3, rng, spread=3.0, scale_range=(1.2, 2.5))
+    R, sh = random_poses(2, rng, max_shift=2.0)
+    inputs = [t.clone().requires_grad_(True) for t in (*g, R, sh)]
+    v = torch.randn(2, D, D, generator=rng, dtype=F64)
+
+    def f(means, quats, scales, amps, rot, shifts):
+        return (project(means, quats, scales, amps, rot, shifts, box_size=D, pixel_size=p, backend=backend)
+                * v).sum()
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_chunked_paths_match_unchunked(rng):
+    """Forcing tiny chunks (and checkpointing) changes neither values nor gradients."""
+    from cryogs import reference
+
+    D, p = 20, 1.5
+    g = [t.clone().requires_grad_(True) for t in random_mixture(7, rng)]
+    R, sh = random_poses(3, rng)
+    m2, cn, w, r = preprocess(*g, R, sh, box_size=D, pixel_size=p)
+    for fn, kw in [(reference.rasterize_dense, {"cutoff": None}), (reference.rasterize_splat, {"cutoff": 3.5})]:
+        big = fn(m2, cn, w, r, box_size=D, **kw)
+        small = fn(m2, cn, w, r, box_size=D, max_elements=500, **kw)
+        assert torch.allclose(big, small, atol=1e-12)
+        gb = torch.autograd.grad(big.square().sum(), g, retain_graph=True)
+        gs = torch.autograd.grad(small.square().sum(), g, retain_graph=True)
+        for a, b in zip(gb, gs):
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_voxelize_closed_forms(rng):
+    D, p, amp, s = 32, 1.5, 4.0, 3.0
+    g = _one([3.0, -1.5, 4.5], [s, s, s], amp)
+    vol = voxelize(*g, box_size=D, pixel_size=p)
+    k = CUTOFF_SIGMA
+    # mass inside the 3D cutoff sphere: P(χ²₃ ≤ k²)
+    inside = math.erf(k / math.sqrt(2)) - math.sqrt(2 / math.pi) * k * math.exp(-k * k / 2)
+    assert float(vol.sum()) == pytest.approx(amp * inside, rel=2e-3)
+    # V[z, y, x]: the mean (x, y, z) = (2, −1, 3) voxels from the centre
+    assert float(vol[D // 2 + 3, D // 2 - 1, D // 2 + 2]) == pytest.approx(amp / ((2 * math.pi) ** 1.5 * (s / p) ** 3),
+                                                                         rel=1e-12)
+    # summing the volume along z is the tilt-0 projection
+    g2 = random_mixture(6, rng, spread=4.0, scale_range=(2.0, 4.0))
+    vol = voxelize(*g2, box_size=D, pixel_size=p)
+    img = project(*g2, torch.eye(3, dtype=F64)[None], None, box_size=D, pixel_size=p, backend="dense")[0]
+    assert torch.allclose(vol.sum(0), img, atol=3e-3 * float(img.max()))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(pixel_size=0.0), "pixel_size must be positive"),
+    (dict(pixel_size=-1.0), "pixel_size must be positive"),
+    (dict(box_size=0), "box_size"),
+    (dict(backend="gpu"), "unknown backend"),
+    (dict(backend="cuda"), "backend 'cuda'"),
+])
+def test_bad_arguments_raise_clear_errors(bad, match):
+    g = _one([0.0, 0.0, 0.0], [2.0, 2.0, 2.0])
+    kw = dict(box_size=16, pixel_size=1.0, backend="torch") | bad
+    with pytest.raises(CryogsError, match=match):
+        project(*g, torch.eye(3, dtype=F64)[None], None, **kw)
+
+
+@pytest.mark.parametrize("backend", ["dense", "torch"])
+def test_no_gaussians_gives_blank_images(backend):
+    e = torch.zeros(0, 3, dtype=F64)
+    img = project(e, torch.zeros(0, 4, dtype=F64), e, torch.zeros(0, dtype=F64), torch.eye(3, dtype=F64)[None],
+                  None, box_size=8, pixel_size=1.0, backend=backend)
+    assert img.shape == (1, 8, 8) and (img == 0).all()
