@@ -14,13 +14,13 @@ File formats
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .conventions import matrix_to_quat
 from .errors import CryogsError
 
@@ -149,17 +149,16 @@ class GaussianModel(nn.Module):
     def save(self, path) -> None:
         """Write ``.npz`` or ``.pt`` (documented above) atomically, or ``.ply`` for splat viewers."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if path.suffix == ".npz":
-            with open(tmp, "wb") as fh:
-                np.savez(fh, format=FORMAT, **self.arrays())
-        elif path.suffix == ".pt":
-            torch.save({"format": FORMAT, **{k: torch.from_numpy(v) for k, v in self.arrays().items()}}, tmp)
-        elif path.suffix == ".ply":
-            _write_ply(tmp, self.arrays())
-        else:
+        if path.suffix not in (".npz", ".pt", ".ply"):
             raise CryogsError(f"{path}: unknown Gaussian file type (use .npz, .pt or .ply)")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if path.suffix == ".npz":
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, format=FORMAT, **self.arrays())
+            elif path.suffix == ".pt":
+                torch.save({"format": FORMAT, **{k: torch.from_numpy(v) for k, v in self.arrays().items()}}, tmp)
+            else:
+                _write_ply(tmp, self.arrays())
 
     @classmethod
     def load(cls, path) -> GaussianModel:

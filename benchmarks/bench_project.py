@@ -1,0 +1,182 @@
+"""Time Γ (cryogs.project) forward and forward+backward for each backend over a grid of (B, D, N).
+
+Each configuration runs in its own process so that CPU peak memory (max RSS above the baseline
+after start-up) is its own; on a GPU, peak memory is ``torch.cuda.max_memory_allocated``.
+Timing: warm-up runs, then the median of repeats (CUDA events on a GPU, perf_counter on CPU).
+
+Writes JSON (one row per configuration and backend) and a Markdown table.
+
+Examples:
+  python benchmarks/bench_project.py --out benchmarks/results/cpu.json
+  python benchmarks/bench_project.py --device cuda --grid gpu --out benchmarks/results/h100.json
+  python benchmarks/bench_project.py --configs 32x64x2000 --backends torch,dense
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRIDS = {
+    "cpu": ["32x64x2000", "8x64x500", "32x128x2000"],
+    "gpu": ["32x64x2000", "256x64x2000", "256x128x2000", "256x128x20000", "64x256x20000"],
+}
+SIGMA_PX = 1.5
+
+
+def _inputs(B, D, N, device, seed=0):
+    import torch
+
+    from cryogs.conventions import random_rotations
+
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0
+    direction = torch.randn(N, 3, generator=g)
+    direction /= direction.norm(dim=-1, keepdim=True)
+    means = direction * (0.3 * D * p) * torch.rand(N, 1, generator=g) ** (1 / 3)
+    quats = torch.randn(N, 4, generator=g)
+    scales = SIGMA_PX * p * (0.8 + 0.4 * torch.rand(N, 3, generator=g))
+    amps = 0.5 + torch.rand(N, generator=g)
+    rot = random_rotations(B, generator=g)
+    shifts = torch.randn(B, 2, generator=g)
+    return [t.to(device) for t in (means, quats, scales, amps, rot, shifts)], p
+
+
+def _evaluations(backend, params, B, D, N, p):
+    """Gaussian-pixel evaluations the backend performs, and its instance count (CUDA tiles)."""
+    import torch
+
+    from cryogs.gaussian_math import CUTOFF_SIGMA, preprocess
+
+    if backend == "dense":
+        return B * N * D * D, None
+    with torch.no_grad():
+        means2d, _, w, radii = preprocess(*params, box_size=D, pixel_size=p, cutoff=CUTOFF_SIGMA)
+    if backend == "torch":
+        half = torch.ceil(radii.amax(-1)).clamp(max=D - 1)
+        return int(((2 * half + 1) ** 2)[w != 0].sum()), None
+    from cryogs.binning import TILE_SIZE, count_instances
+
+    instances = int(count_instances(means2d, radii, w, box_size=D))
+    return instances * TILE_SIZE * TILE_SIZE, instances
+
+
+def run_one(backend, B, D, N, device, repeats, warmup):
+    import torch
+
+    import cryogs
+
+    params, p = _inputs(B, D, N, device)
+    params = [t.requires_grad_(i < 4) for i, t in enumerate(params)]
+    cuda = device.startswith("cuda")
+
+    def fwd():
+        with torch.no_grad():
+            return cryogs.project(*params, box_size=D, pixel_size=p, backend=backend)
+
+    def fwd_bwd():
+        img = cryogs.project(*params, box_size=D, pixel_size=p, backend=backend)
+        img.square().sum().backward()
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    fwd_ms = timed(fwd)
+    fwd_bwd_ms = timed(fwd_bwd)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        device_name = torch.cuda.get_device_name()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    evals, instances = _evaluations(backend, [t.detach() for t in params], B, D, N, p)
+    return {"device": device_name, "B": B, "D": D, "N": N, "sigma_px": SIGMA_PX, "backend": backend,
+            "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "fwd_bwd_images_per_s": B / (fwd_bwd_ms / 1e3),
+            "peak_mem_bytes": int(peak), "instances": instances, "evaluations": evals,
+            "evaluations_per_s_fwd": evals / (fwd_ms / 1e3), "repeats": repeats}
+
+
+def markdown(rows) -> str:
+    head = ("| device | B | D | N | backend | fwd ms | fwd+bwd ms | images/s | peak MiB | instances | "
+            "Geval/s (fwd) | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        inst = "" if r["instances"] is None else f"{r['instances']:,}"
+        sp = "" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}×"
+        lines.append(f"| {r['device']} | {r['B']} | {r['D']} | {r['N']} | {r['backend']} | {r['fwd_ms']:.1f} | "
+                     f"{r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_images_per_s']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
+                     f"{inst} | {r['evaluations_per_s_fwd'] / 1e9:.3f} | {sp} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default=None, help="named grid (default: cpu, or gpu on cuda)")
+    ap.add_argument("--configs", default=None, help="comma-separated BxDxN configurations, overriding --grid")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated backends (default: torch,dense on CPU; cuda,torch on a GPU)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default: 2)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"), help="JSON output path")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one config in this process
+    args = ap.parse_args(argv)
+
+    if args.single:
+        backend, cfg = args.single.split(":")
+        B, D, N = map(int, cfg.split("x"))
+        print(json.dumps(run_one(backend, B, D, N, args.device, args.repeats, args.warmup)))
+        return
+    cuda = args.device.startswith("cuda")
+    configs = args.configs.split(",") if args.configs else GRIDS[args.grid or ("gpu" if cuda else "cpu")]
+    backends = (args.backends or ("cuda,torch" if cuda else "torch,dense")).split(",")
+    rows = []
+    for cfg in configs:
+        for backend in backends:
+            cmd = [sys.executable, __file__, "--single", f"{backend}:{cfg}", "--device", args.device,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{backend} {cfg}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{backend:6s} {cfg:>14s}: fwd {row['fwd_ms']:9.1f} ms, fwd+bwd {row['fwd_bwd_ms']:9.1f} ms, "
+                  f"{row['fwd_bwd_images_per_s']:9.0f} img/s, peak {row['peak_mem_bytes'] / 2**20:7.0f} MiB", flush=True)
+    for r in rows:
+        ref = [t for t in rows if t["backend"] == "torch" and (t["B"], t["D"], t["N"]) == (r["B"], r["D"], r["N"])]
+        r["speedup_vs_torch"] = ref[0]["fwd_bwd_ms"] / r["fwd_bwd_ms"] if ref else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "python": platform.python_version()}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    if len(rows) < len(configs) * len(backends):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Simulate, reconstruct and evaluate the embedded example: adenylate kinase (PDB 4AKE, 3,341 atoms).
+
+Particles are simulated from every atom of the model (no inverse crime), with random poses
+and shifts and white noise at the given SNR; cryogs then fits Gaussians from a random start
+and reports the FSC of the reconstruction against the ground-truth map.
+
+Writes DIR/data (the simulated dataset), DIR/reconstruction (map.mrc, figures, metrics) and
+DIR/fsc.png. Takes a few minutes on a 2-core CPU, less on a GPU.
+
+Examples:
+  cryogs demo --out demo
+  cryogs demo --out demo --particles 4000 --snr 0.5 --device cuda
+"""
+import shlex
+import sys
+from pathlib import Path
+
+from cryogs.commands._options import add_compute_args
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "data" / "adk_open.pdb"
+
+
+def add_args(parser):
+    parser.add_argument("--out", "-o", type=Path, default=Path("cryogs-demo"), help="output folder (default: cryogs-demo)")
+    parser.add_argument("--particles", type=int, default=1000, help="number of particles (default: 1000)")
+    parser.add_argument("--box", type=int, default=48, help="box size in pixels (default: 48)")
+    parser.add_argument("--apix", type=float, default=2.0, help="pixel size in Å (default: 2.0)")
+    parser.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio of the images (default: 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: from the particle count)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    add_compute_args(parser)
+
+
+def main(args):
+    import time
+
+    from cryogs.evaluate import compare_maps_files
+    from cryogs.particles import load_particles
+    from cryogs.simulate import load_source, simulate_stack, write_dataset
+    from cryogs.train import default_config, run_training
+
+    t0 = time.perf_counter()
+    print(f"simulating {args.particles} particles of adenylate kinase ({args.box} px, {args.apix} Å/px, SNR {args.snr})")
+    truth = load_source(EMBEDDED_MODEL, pixel_size=args.apix)
+    stack = simulate_stack(truth, args.particles, box_size=args.box, pixel_size=args.apix, snr=args.snr,
+                           max_shift=2 * args.apix, seed=args.seed, device=args.device, backend=args.backend,
+                           progress=not args.no_progress)
+    files = write_dataset(args.out / "data", truth, stack, box_size=args.box, pixel_size=args.apix)
+    particles = load_particles(files["star"])
+    config = default_config(particles, epochs=args.epochs, seed=args.seed, device=args.device, backend=args.backend)
+    print(f"reconstructing with {config.n_gaussians} Gaussians for {config.epochs} epochs on {config.device}")
+    run_dir = args.out / "reconstruction"
+    trainer = run_training(particles, config, run_dir, progress=not args.no_progress,
+                           command=shlex.join(["cryogs", *sys.argv[1:]]))
+    result = compare_maps_files(trainer.volume(), particles.pixel_size, files["map"], args.out / "fsc.png")
+    trainer.write_outputs(result)
+    print(f"FSC against the ground truth: {result['fsc_0.5_angstrom']:.2f} Å at 0.5, "
+          f"{result['fsc_0.143_angstrom']:.2f} Å at 0.143 (Nyquist {2 * args.apix:.2f} Å); "
+          f"map correlation {result['correlation']:.4f}")
+    print(f"map: {run_dir / 'map.mrc'}; figures: {run_dir}/loss.png, montage.png, {args.out / 'fsc.png'}; "
+          f"total {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,263 @@
+"""Fit Gaussians to particle images with known poses: min Σ_i ‖I_i − Γ(θ, pose_i)‖²."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .atomic import atomic_path
+from .errors import CryogsError
+from .figures import plot_loss, plot_montage
+from .model import GaussianModel
+from .mrc import write_mrc
+from .particles import ParticleSet, check_images
+from .projection import project, resolve_backend, voxelize
+
+#: Particle stacks smaller than this are read into memory once; larger ones stream from disk.
+PRELOAD_BYTES = 2 << 30
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; saved as ``config.json`` and in each checkpoint."""
+
+    n_gaussians: int
+    epochs: int
+    init_radius: float  # Å: random initial centres lie inside this sphere
+    init_scale: float  # Å: initial isotropic standard deviation
+    total_mass: float  # initial summed amplitude, estimated from the images
+    batch_size: int = 32
+    lr_means: float = 0.0  # Å per step at the start; 0 means "0.5 pixel"
+    lr_scales: float = 0.02  # log-scale per step
+    lr_quats: float = 0.02
+    lr_amplitudes: float = 0.03  # log-amplitude per step
+    final_lr_fraction: float = 0.02  # learning rates decay exponentially to this fraction
+    min_scale: float = 0.0  # Å; 0 means "0.5 pixel"
+    max_scale: float = 0.0  # Å; 0 means "box / 8"
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) -> tuple[float, float]:
+    """``(radius Å, total mass)`` of the particle from the mean of a sample of images.
+
+    The mean image of randomly oriented projections is nearly round; the radius holding 95 % of its
+    mass, enlarged by 10 %, bounds the particle. Its sum is the total mass (noise averages out).
+    """
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(particles), size=min(n_sample, len(particles)), replace=False))
+    mean = particles.images(idx).astype(np.float64).mean(0)
+    D, p = particles.box_size, particles.pixel_size
+    yy, xx = np.indices(mean.shape) - D // 2
+    r = np.hypot(xx, yy).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(mean.ravel()[order])
+    total = float(mean.sum())
+    if not total > 0:
+        raise CryogsError("the mean particle image has no positive mass: is the contrast inverted? (try --invert)")
+    r95 = r[order][np.searchsorted(cum, 0.95 * total)] if cum[-1] > 0 else D / 2
+    radius = float(np.clip(1.1 * r95, 0.15 * D, 0.45 * D)) * p
+    return radius, total
+
+
+def default_config(particles: ParticleSet, **overrides) -> TrainConfig:
+    """A configuration that works without tuning, derived from box, pixel size and particle count."""
+    radius, mass = estimate_extent(particles)
+    p = particles.pixel_size
+    volume = 4 / 3 * math.pi * radius ** 3
+    n_gaussians = int(np.clip(round(0.5 * volume / (2 * p) ** 3), 50, 20000))
+    epochs = int(np.clip(math.ceil(20000 / len(particles)), 4, 40))
+    cfg = TrainConfig(n_gaussians=n_gaussians, epochs=epochs, init_radius=0.8 * radius,
+                      init_scale=1.5 * p, total_mass=mass)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+class ParticleBatches:
+    """Mini-batches of (images, rotations, shifts) on the training device, in a seeded order per epoch."""
+
+    def __init__(self, particles: ParticleSet, batch_size: int, device: torch.device, seed: int):
+        self.particles, self.batch_size, self.device, self.seed = particles, batch_size, device, seed
+        n, D = len(particles), particles.box_size
+        self.rotations = torch.as_tensor(particles.rotations, dtype=torch.float32, device=device)
+        self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=device)
+        self.cache = None
+        if n * D * D * 4 <= PRELOAD_BYTES:
+            images = particles.images(np.arange(n))
+            check_images(images, particles.source)
+            self.cache = torch.from_numpy(images).to(device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.particles) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.particles))
+
+    def batch(self, idx: np.ndarray):
+        if self.cache is not None:
+            images = self.cache[torch.as_tensor(idx, device=self.device)]
+        else:
+            idx_sorted = np.sort(idx)
+            arr = self.particles.images(idx_sorted)
+            check_images(arr, self.particles.source)
+            images = torch.from_numpy(arr).to(self.device)
+            idx = idx_sorted
+        t = torch.as_tensor(idx, device=self.device)
+        return images, self.rotations[t], self.shifts[t]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+class Trainer:
+    """Adam on the Gaussian parameters, one learning rate per group, exponential decay."""
+
+    def __init__(self, particles: ParticleSet, config: TrainConfig, out_dir, *, progress: bool = True):
+        self.particles, self.cfg, self.out = particles, config, Path(out_dir)
+        self.progress = progress
+        self.device = torch.device(config.device)
+        self.backend = resolve_backend(config.backend, self.device)
+        p, D = particles.pixel_size, particles.box_size
+        self.min_scale = config.min_scale or 0.5 * p
+        self.max_scale = config.max_scale or D * p / 8
+        self.model = GaussianModel.random(config.n_gaussians, config.init_radius, config.init_scale,
+                                          config.total_mass, seed=config.seed).to(self.device)
+        lr_means = config.lr_means or 0.5 * p
+        self.optimizer = torch.optim.Adam([
+            {"params": [self.model.means], "lr": lr_means},
+            {"params": [self.model.log_scales], "lr": config.lr_scales},
+            {"params": [self.model.quats], "lr": config.lr_quats},
+            {"params": [self.model.log_amplitudes], "lr": config.lr_amplitudes},
+        ])
+        self.batches = ParticleBatches(particles, config.batch_size, self.device, config.seed)
+        total_steps = max(1, config.epochs * len(self.batches))
+        decay = config.final_lr_fraction ** (1 / total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: decay ** step)
+        self.epoch = 0
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        _atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                            "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg)},
+                           self.checkpoint_path)
+
+    def resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            raise CryogsError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if ck["model"]["means"].shape[0] != len(self.model):
+            raise CryogsError(f"{self.checkpoint_path}: checkpoint has {ck['model']['means'].shape[0]} Gaussians, "
+                              f"the configuration {len(self.model)}; resume with the same settings")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.epoch, self.losses, self.seconds = ck["epoch"], ck["losses"], ck["seconds"]
+
+    # ------------------------------------------------------------------ training
+    def render(self, rotations, shifts):
+        return project(*self.model(), rotations, shifts, box_size=self.particles.box_size,
+                       pixel_size=self.particles.pixel_size, backend=self.backend)
+
+    def step(self, images, rotations, shifts) -> float:
+        pred = self.render(rotations, shifts)
+        loss = ((pred - images) ** 2).sum((1, 2)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.log_scales.clamp_(math.log(self.min_scale), math.log(self.max_scale))
+            self.model.quats /= self.model.quats.norm(dim=-1, keepdim=True)
+        return float(loss.detach())
+
+    def fit(self) -> None:
+        n_batches, bs = len(self.batches), self.cfg.batch_size
+        while self.epoch < self.cfg.epochs:
+            order = self.batches.order(self.epoch)
+            t0 = time.perf_counter()
+            bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch",
+                       disable=not self.progress, leave=False)
+            for i in bar:
+                loss = self.step(*self.batches.batch(order[i * bs:(i + 1) * bs]))
+                if not math.isfinite(loss):
+                    raise CryogsError(f"the loss became {loss} at epoch {self.epoch + 1}; "
+                                      "try smaller learning rates")
+                self.losses.append(loss)
+                rate = min(len(order), (i + 1) * bs) / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{rate:.0f}")
+            self.seconds += time.perf_counter() - t0
+            self.epoch += 1
+            self.save_checkpoint()
+            if self.progress:
+                tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: mean loss "
+                           f"{np.mean(self.losses[-n_batches:]):.5g}, {len(order) / (time.perf_counter() - t0):.0f} images/s")
+
+    # ------------------------------------------------------------------ outputs
+    def volume(self) -> np.ndarray:
+        with torch.no_grad():
+            return voxelize(*[t.detach() for t in self.model()], box_size=self.particles.box_size,
+                            pixel_size=self.particles.pixel_size).cpu().numpy()
+
+    def write_outputs(self, extra_metrics: dict | None = None) -> dict:
+        """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png`` and ``metrics.json``."""
+        p = self.particles.pixel_size
+        write_mrc(self.out / "map.mrc", self.volume(), p)
+        for ext in ("npz", "pt", "ply"):
+            self.model.save(self.out / f"gaussians.{ext}")
+        plot_loss(self.out / "loss.png", len(self.batches), self.losses)
+        idx = np.linspace(0, len(self.particles) - 1, min(4, len(self.particles))).astype(int)
+        images, rotations, shifts = self.batches.batch(idx)
+        with torch.no_grad():
+            rendered = self.render(rotations, shifts).cpu().numpy()
+        plot_montage(self.out / "montage.png", images.cpu().numpy(), rendered,
+                     titles=[f"particle {i}" for i in idx])
+        n_images = self.cfg.epochs * len(self.particles)
+        metrics = {"n_particles": len(self.particles), "box_size": self.particles.box_size, "pixel_size": p,
+                   "n_gaussians": len(self.model), "epochs": self.cfg.epochs, "backend": self.backend,
+                   "device": str(self.device), "final_loss": float(np.mean(self.losses[-len(self.batches):])),
+                   "train_seconds": self.seconds, "images_per_second": n_images / max(self.seconds, 1e-9)}
+        metrics.update(extra_metrics or {})
+        _atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+
+def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
+                 progress: bool = True, command: str | None = None) -> Trainer:
+    """Train and write every output into ``out_dir``; returns the finished trainer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(particles, config, out, progress=progress)
+    if resume:
+        trainer.resume()
+    _atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    if command is not None:
+        _atomic_write_text(out / "command.txt", command + "\n")
+    trainer.fit()
+    return trainer

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates ./.venv if needed and installs cryogs into it (editable), with its dependencies.
+# The CUDA extension is compiled when torch is a CUDA build and nvcc is found (CUDA_HOME, else
+# /usr/local/cuda); then a compile error fails this script. CRYOGS_BUILD_CUDA=0 skips it.
+# CRYOGS_TORCH overrides the torch requirement (default torch==2.14.1, a CUDA 13.0 build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check "${CRYOGS_TORCH:-torch==2.14.1}" \
+    "setuptools>=64" wheel pybind11 ninja
+
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDA_HOME=/usr/local/cuda
+fi
+if [ -z "${CRYOGS_BUILD_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] \
+        && python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+    export CRYOGS_BUILD_CUDA=1   # a toolkit is here: the extension must build
+fi
+python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
