@@ -25,6 +25,8 @@ from .conventions import matrix_to_quat
 from .errors import CryogsError
 
 FORMAT = "cryogs-gaussians-1"
+#: Å², used for atoms whose B-factor is missing or zero (σ = √(B/8π²) ≈ 0.5 Å).
+DEFAULT_B_FACTOR = 20.0
 
 
 class GaussianModel(nn.Module):
@@ -231,7 +233,8 @@ class AtomSet:
         xyz, z, b, res = xyz[keep], z[keep], np.asarray(b)[keep], np.asarray(res)[keep]
         if centre:
             xyz = xyz - (xyz * z[:, None]).sum(0) / z.sum()
-        return cls(xyz, z, np.sqrt(np.clip(b, 0, None) / (8 * math.pi ** 2)), res)
+        b = np.where(b > 0, b, DEFAULT_B_FACTOR)  # NMR and predicted models often carry B = 0
+        return cls(xyz, z, np.sqrt(b / (8 * math.pi ** 2)), res)
 
 
 def _element_number(atom, polymer: bool) -> int:
