@@ -1,0 +1,51 @@
+"""Atomic file writes: write to a temporary file in the target's folder, then ``os.replace``.
+
+A crash (or Ctrl-C) part way through a write leaves the previous file, or no file, never a
+half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CryogsError
+
+__all__ = ["atomic_path"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    The temporary name keeps the target's suffix (so writers that look at the extension, such
+    as matplotlib, still pick the right format). On any exception the temporary file is removed
+    and the exception propagates; ``path`` is untouched.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise CryogsError(f"{target}: cannot write, folder {folder} does not exist")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=folder)
+    except OSError as err:
+        raise CryogsError(f"{target}: cannot write ({err.strerror or err})") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # mkstemp creates 0600 files; give the result the permissions a normal open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
