@@ -1,0 +1,338 @@
+"""RELION STAR particle sets: real fixtures, round trips, and bad input giving one-line errors."""
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+from scipy.spatial.transform import Rotation
+
+from cryogs.conventions import euler_to_matrix
+from cryogs.errors import CryogsError
+from cryogs.mrc import open_stack, write_mrc
+from cryogs.particles import CTF_KEYS, check_images, load_particles, load_star, write_star
+
+DATA = Path(__file__).parent / "data"
+
+
+def _copy_relion31(tmp_path: Path) -> Path:
+    shutil.copy(DATA / "relion31.star", tmp_path / "relion31.star")
+    shutil.copy(DATA / "relion31.mrcs", tmp_path / "relion31.mrcs")
+    return tmp_path / "relion31.star"
+
+
+def _edit_particle_line(src: Path, dst: Path, row: int, old: str, new: str) -> int:
+    """Replace ``old`` by ``new`` in the ``row``-th particle line; return its 1-based line number."""
+    lines = src.read_text().splitlines(keepends=True)
+    hits = [i for i, l in enumerate(lines) if "@relion31.mrcs" in l]
+    i = hits[row]
+    assert old in lines[i]
+    lines[i] = lines[i].replace(old, new, 1)
+    dst.write_text("".join(lines))
+    return i + 1
+
+
+# --- real fixtures ----------------------------------------------------------------------------
+
+
+def test_relion31_fixture():
+    ps = load_star(DATA / "relion31.star")
+    assert len(ps) == 5
+    assert ps.pixel_size == pytest.approx(2.806)  # from the STAR file; the MRC header says 1.0
+    assert ps.box_size == 256
+    ref = starfile.read(DATA / "relion31.star")["particles"]
+    eul = ref[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(dtype=float)
+    np.testing.assert_allclose(ps.rotations[0], euler_to_matrix(eul[0]).numpy(), atol=1e-12)
+    # Independent check against the convention's scipy statement: A = R_zyz(rot, tilt, psi)^T.
+    np.testing.assert_allclose(
+        ps.rotations, Rotation.from_euler("ZYZ", eul, degrees=True).as_matrix().transpose(0, 2, 1), atol=1e-12
+    )
+    np.testing.assert_allclose(ps.shifts, ref[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(dtype=float))
+    assert ps.shifts[0] == pytest.approx([0.019324, -0.64686])  # Å, not multiplied by the pixel size
+    np.testing.assert_array_equal(ps.random_subset, [1, 1, 1, 1, 1])
+    assert set(ps.ctf) == set(CTF_KEYS)
+    assert ps.ctf["defocus_u"][0] == pytest.approx(13108.082418)
+    assert ps.ctf["defocus_angle"][0] == pytest.approx(-160.39)
+    assert ps.ctf["voltage"][0] == 300 and ps.ctf["cs"][0] == pytest.approx(0.01)
+    assert ps.ctf["amplitude_contrast"][0] == pytest.approx(0.1)
+    assert not ps.ctf_premultiplied
+    assert ps.image_paths[3] == (str(DATA / "relion31.mrcs"), 3)
+    imgs = ps.images([4, 0])
+    assert imgs.shape == (2, 256, 256) and imgs.dtype == np.float32
+    raw = open_stack(DATA / "relion31.mrcs")
+    np.testing.assert_array_equal(imgs[0], raw[4])
+    np.testing.assert_array_equal(imgs[1], raw[0])
+
+
+def test_empiar_relion30_fixture():
+    with pytest.raises(CryogsError, match="poses") as err:
+        load_star(DATA / "empiar_10076_7.star")
+    assert "empiar_10076_7.star" in str(err.value)
+    ps = load_star(DATA / "empiar_10076_7.star", require_poses=False)
+    assert len(ps) == 7
+    assert ps.pixel_size == pytest.approx(5 * 1e4 / 38168) and ps.pixel_size == pytest.approx(1.31, abs=1e-3)
+    assert ps.box_size == 320  # no rlnImageSize: read from the stack header
+    assert ps.rotations is None
+    np.testing.assert_array_equal(ps.shifts, 0.0)
+    c = ps.ctf
+    assert c["defocus_u"][0] == pytest.approx(15301.1) and c["defocus_v"][0] == pytest.approx(14916.4)
+    assert c["defocus_angle"][0] == pytest.approx(5.28)
+    assert c["voltage"][0] == 300 and c["cs"][0] == pytest.approx(2.7)
+    assert c["amplitude_contrast"][0] == pytest.approx(0.07)
+    np.testing.assert_array_equal(c["phase_shift"], 0.0)
+    assert ps.images([6]).shape == (1, 320, 320)
+
+
+def test_relion30_origins_in_pixels_become_angstrom(tmp_path):
+    write_mrc(tmp_path / "s.mrcs", np.zeros((2, 8, 8)), 1.0)
+    (tmp_path / "p.star").write_text(
+        "data_\n\nloop_\n_rlnImageName\n_rlnAngleRot\n_rlnAngleTilt\n_rlnAnglePsi\n_rlnOriginX\n_rlnOriginY\n"
+        "_rlnDetectorPixelSize\n_rlnMagnification\n"
+        "1@s.mrcs 10 20 30 1.5 -2.0 14 50000\n2@s.mrcs 0 0 0 0 3 14 50000\n"
+    )
+    ps = load_star(tmp_path / "p.star")
+    assert ps.pixel_size == pytest.approx(2.8)
+    np.testing.assert_allclose(ps.shifts, [[1.5 * 2.8, -2.0 * 2.8], [0.0, 3 * 2.8]])
+    assert ps.ctf is None
+    assert ps.box_size == 8
+
+
+def test_relion5_fixture():
+    ps = load_star(DATA / "relion5.star")  # extra optics columns (Zernike, MagMat) are ignored
+    assert len(ps) == 17
+    assert ps.pixel_size == pytest.approx(0.89)
+    assert ps.box_size == 448
+    np.testing.assert_array_equal(ps.ctf["voltage"], 100.0)
+    np.testing.assert_array_equal(ps.ctf["cs"], 1.6)
+    assert ps.shifts[0] == pytest.approx([-3.12578, -1.41031])
+    assert sorted(Path(s).name for s in ps.stacks) == ["toy_images_a.mrcs", "toy_images_b.mrcs"]
+    assert list(ps.random_subset[:3]) == [1, 2, 2]
+    # Its stacks are not shipped: reading must fail naming the stack and the particle.
+    with pytest.raises(CryogsError, match=r"toy_images_a\.mrcs.*particle 1 of .*relion5\.star"):
+        ps.images([0])
+
+
+def test_six_optics_groups():
+    with pytest.raises(CryogsError, match="pixel size") as err:
+        load_star(DATA / "relion31.6opticsgroups.star")
+    msg = str(err.value)
+    assert "relion31.6opticsgroups.star" in msg and "1.24" in msg and "1.25" in msg and "\n" not in msg
+    ps = load_star(DATA / "relion31.6opticsgroups.star", optics_groups=[1, 3, 4, 6])
+    ref = starfile.read(DATA / "relion31.6opticsgroups.star")
+    counts = ref["particles"]["rlnOpticsGroup"].value_counts()
+    assert len(ps) == sum(counts[g] for g in (1, 3, 4, 6))
+    assert ps.pixel_size == pytest.approx(1.25) and ps.box_size == 196
+    # Per-particle optics come from each particle's own group (group 4 has Cs 2.6).
+    cs_of_group = dict(zip(ref["optics"]["rlnOpticsGroup"], ref["optics"]["rlnSphericalAberration"]))
+    np.testing.assert_allclose(ps.ctf["cs"], [cs_of_group[g] for g in ps.optics_group])
+    assert set(ps.ctf["cs"]) == {2.6, 2.7}
+    np.testing.assert_array_equal(ps.ctf["voltage"], 200.0)
+    assert Path(ps.stacks[0]).name == "0003_shiny.mrcs"
+
+
+# --- write and read back ---------------------------------------------------------------------
+
+
+def test_write_load_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    n, D = 12, 16
+    write_mrc(tmp_path / "stack.mrcs", rng.standard_normal((n, D, D)), 1.7)
+    rots = Rotation.random(n, random_state=2).as_matrix()
+    rots[0] = np.eye(3)  # gimbal-lock case (tilt = 0)
+    shifts = rng.uniform(-5, 5, (n, 2))
+    ctf = {
+        "defocus_u": rng.uniform(8000, 20000, n),
+        "defocus_v": rng.uniform(8000, 20000, n),
+        "defocus_angle": rng.uniform(-180, 180, n),
+        "voltage": np.where(np.arange(n) < 5, 300.0, 200.0),
+        "cs": np.full(n, 2.7),
+        "amplitude_contrast": np.full(n, 0.07),
+        "phase_shift": np.zeros(n),
+        "bfactor": np.zeros(n),
+    }
+    subset = (np.arange(n) % 2) + 1
+    out = tmp_path / "out.star"
+    write_star(out, "stack.mrcs", rots, shifts, 1.7, D, ctf=ctf, random_subset=subset)
+    text = out.read_text()
+    assert "data_optics" in text and "data_particles" in text and "000001@stack.mrcs" in text
+    ps = load_star(out)
+    assert len(ps) == n and ps.pixel_size == pytest.approx(1.7) and ps.box_size == D
+    np.testing.assert_allclose(ps.rotations, rots, atol=1e-6)
+    np.testing.assert_allclose(ps.shifts, shifts, atol=1e-6)
+    for k in CTF_KEYS:
+        np.testing.assert_allclose(ps.ctf[k], ctf[k], atol=1e-5)
+    assert len(set(ps.optics_group.tolist())) == 2  # two voltages -> two optics groups
+    np.testing.assert_array_equal(ps.random_subset, subset)
+    np.testing.assert_array_equal(ps.images([11])[0], open_stack(tmp_path / "stack.mrcs")[11])
+    raw = starfile.read(out)
+    assert {"rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality", "rlnVoltage",
+            "rlnSphericalAberration", "rlnAmplitudeContrast"} <= set(raw["optics"].columns)
+
+
+def test_subset_and_pickle(tmp_path):
+    ps = load_star(_copy_relion31(tmp_path))
+    sub = ps.subset([3, 1])
+    assert len(sub) == 2
+    np.testing.assert_array_equal(sub.rotations, ps.rotations[[3, 1]])
+    np.testing.assert_array_equal(sub.images([0]), ps.images([3]))
+    assert "particle 4 of" in sub.describe(0)  # keeps the source row
+    ps.images([0])  # populate the mmap cache
+    again = pickle.loads(pickle.dumps(ps))
+    assert len(pickle.dumps(ps)) < 100_000  # memory maps are not pickled
+    np.testing.assert_array_equal(again.images([2]), ps.images([2]))
+    mask = np.array([True, False, True, False, False])
+    assert len(ps.subset(mask)) == 2
+
+
+def test_datadir_and_basename_fallback(tmp_path):
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "meta").mkdir()
+    shutil.copy(DATA / "relion31.mrcs", tmp_path / "stacks" / "relion31.mrcs")
+    text = (DATA / "relion31.star").read_text().replace("@relion31.mrcs", "@Extract/job1/relion31.mrcs")
+    (tmp_path / "meta" / "p.star").write_text(text)
+    ps = load_star(tmp_path / "meta" / "p.star", datadir=tmp_path / "stacks")  # datadir/basename
+    assert ps.stacks == [str(tmp_path / "stacks" / "relion31.mrcs")]
+    assert ps.images([0]).shape == (1, 256, 256)
+    # RELION project layout: STAR in Refine3D/job9/, stack path relative to the project folder.
+    proj = tmp_path / "proj"
+    (proj / "Refine3D" / "job9").mkdir(parents=True)
+    (proj / "Extract" / "job1").mkdir(parents=True)
+    shutil.copy(DATA / "relion31.mrcs", proj / "Extract" / "job1" / "relion31.mrcs")
+    (proj / "Refine3D" / "job9" / "run_data.star").write_text(text)
+    ps = load_star(proj / "Refine3D" / "job9" / "run_data.star")
+    assert ps.images([4]).shape == (1, 256, 256)
+
+
+def test_load_particles_dispatch(tmp_path):
+    assert len(load_particles(DATA / "relion31.star")) == 5
+    with pytest.raises(CryogsError, match=r"particles\.txt"):
+        load_particles(tmp_path / "particles.txt")
+    with pytest.raises(CryogsError, match=r"\.cs"):
+        load_particles(DATA / "empiar_10076_7.cs")
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def _one_line(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_image_name_column(tmp_path):
+    src = _copy_relion31(tmp_path)
+    text = src.read_text().replace("_rlnImageName", "_rlnSomethingElse")
+    bad = tmp_path / "noname.star"
+    bad.write_text(text)
+    with pytest.raises(CryogsError, match="rlnImageName") as err:
+        load_star(bad)
+    assert "noname.star" in _one_line(err)
+
+
+def test_missing_angles_column(tmp_path):
+    src = _copy_relion31(tmp_path)
+    bad = tmp_path / "notilt.star"
+    bad.write_text(src.read_text().replace("_rlnAngleTilt", "_rlnAngleTiltPrior"))
+    with pytest.raises(CryogsError, match=r"notilt\.star.*poses.*rlnAngleTilt"):
+        load_star(bad)
+
+
+def test_text_in_numeric_column(tmp_path):
+    src = _copy_relion31(tmp_path)
+    bad = tmp_path / "text.star"
+    line = _edit_particle_line(src, bad, 2, "-99.55600", "oops")
+    with pytest.raises(CryogsError) as err:
+        load_star(bad)
+    msg = _one_line(err)
+    assert "text.star" in msg and "rlnAngleRot" in msg and f"line {line}" in msg and "'oops'" in msg
+    assert "particle 3" in msg
+
+
+def test_short_row(tmp_path):
+    src = _copy_relion31(tmp_path)
+    lines = src.read_text().splitlines(keepends=True)
+    i = [k for k, l in enumerate(lines) if "000004@relion31.mrcs" in l][0]
+    lines[i] = " ".join(lines[i].split()[:12]) + "\n"
+    bad = tmp_path / "short.star"
+    bad.write_text("".join(lines))
+    with pytest.raises(CryogsError, match=rf"short\.star: line {i + 1} \(particle 4\)"):
+        load_star(bad)
+
+
+def test_bad_image_name(tmp_path):
+    src = _copy_relion31(tmp_path)
+    bad = tmp_path / "name.star"
+    _edit_particle_line(src, bad, 1, "000002@relion31.mrcs", "x@relion31.mrcs")
+    with pytest.raises(CryogsError, match=r"name\.star.*particle 2.*x@relion31\.mrcs"):
+        load_star(bad)
+
+
+def test_not_a_star_file(tmp_path):
+    bad = tmp_path / "garbage.star"
+    bad.write_bytes(b"\x00\x01 not a star file \xff\n")
+    with pytest.raises(CryogsError, match="garbage.star"):
+        load_star(bad)
+    with pytest.raises(CryogsError, match="absent.star"):
+        load_star(tmp_path / "absent.star")
+
+
+def test_missing_stack(tmp_path):
+    shutil.copy(DATA / "relion31.star", tmp_path / "lonely.star")
+    ps = load_star(tmp_path / "lonely.star")  # loading is lazy
+    with pytest.raises(CryogsError, match=r"relion31\.mrcs.*particle 1 of .*lonely\.star.*--datadir") as err:
+        ps.images([0])
+    _one_line(err)
+    with pytest.raises(CryogsError, match="relion31.mrcs"):
+        ps.check_stacks()
+
+
+def test_index_beyond_stack(tmp_path):
+    src = _copy_relion31(tmp_path)
+    bad = tmp_path / "beyond.star"
+    _edit_particle_line(src, bad, 4, "000005@relion31.mrcs", "000009@relion31.mrcs")
+    ps = load_star(bad)
+    ps.images([0, 1])  # the other particles are fine
+    with pytest.raises(CryogsError, match=r"particle 5 of .*beyond\.star.*image 9 of stack .*relion31\.mrcs.*only 5"):
+        ps.images([0, 4])
+    with pytest.raises(CryogsError, match="only 5 images"):
+        ps.check_stacks()
+
+
+def test_box_mismatch(tmp_path):
+    src = _copy_relion31(tmp_path)
+    write_mrc(tmp_path / "relion31.mrcs", np.zeros((5, 128, 128)), 2.806)
+    ps = load_star(src)
+    with pytest.raises(CryogsError, match=r"relion31\.mrcs.*128x128.*box 256"):
+        ps.images([0])
+
+
+def test_mixed_box_sizes(tmp_path):
+    text = (DATA / "relion31.6opticsgroups.star").read_text()
+    lines = text.splitlines(keepends=True)
+    i = [k for k, l in enumerate(lines) if l.startswith("3 opticsGroup2")][0]
+    lines[i] = lines[i].replace(" 196 ", " 200 ", 1)
+    bad = tmp_path / "boxes.star"
+    bad.write_text("".join(lines))
+    with pytest.raises(CryogsError, match=r"boxes\.star.*box size.*196 px.*200 px"):
+        load_star(bad, optics_groups=[1, 3])  # same pixel size, different boxes
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_nan_image(tmp_path):
+    src = _copy_relion31(tmp_path)
+    stack = np.array(open_stack(tmp_path / "relion31.mrcs"))
+    stack[2, 10, 20] = np.nan
+    write_mrc(tmp_path / "relion31.mrcs", stack, 1.0)
+    ps = load_star(src)
+    ps.images([0, 1])
+    with pytest.raises(CryogsError, match=r"NaN or Inf in particle 3 of .*relion31\.star.*relion31\.mrcs"):
+        ps.images([1, 2])
+    with pytest.raises(CryogsError, match="NaN in particle 2 of stack s.mrcs"):
+        check_images(stack[1:3], "s.mrcs")
+    with pytest.raises(CryogsError, match="Inf in my label"):
+        check_images(np.array([[1.0], [np.inf]]), ["a", "my label"])
+    check_images(stack[:2], "s.mrcs")
