@@ -10,7 +10,7 @@ def _load():
         from . import _C  # noqa: F401  (built by setup.py when a CUDA toolkit is found)
     except ImportError as exc:
         reason = str(exc)
-        if "No module named" in reason:
+        if "No module named" in reason or "cannot import name '_C'" in reason:
             reason = "the package was installed without it (no CUDA toolkit, CPU-only torch, or CRYOGS_BUILD_CUDA=0)"
         return None, reason
     return _C, None

@@ -1,7 +1,7 @@
 """Synthetic particle stacks with known poses, for testing and for the demo.
 
-SNR is defined as the variance of the noise-free projections (over every pixel of the box,
-averaged over particles) divided by the variance of the added white Gaussian noise.
+SNR is defined as the variance of the noise-free images (CTF applied, over every pixel of the
+box, averaged over particles) divided by the variance of the added white Gaussian noise.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .conventions import random_rotations
+from .ctf import apply_ctf, compute_ctf
 from .errors import CryogsError
 from .model import AtomSet, GaussianModel
 from .mrc import write_mrc
@@ -28,6 +29,19 @@ class SimulatedStack:
     shifts: np.ndarray  # [n, 2] RELION origins, Å
     noise_sigma: float
     signal_variance: float
+    ctf: dict | None = None  # RELION-unit CTF parameters per particle (cryogs.particles.CTF_KEYS)
+
+
+def random_ctf_params(n: int, defocus_range: tuple[float, float], *, voltage=300.0, cs=2.7,
+                      amplitude_contrast=0.1, astigmatism=300.0, seed=0) -> dict:
+    """Per-particle CTF parameters: defocus U uniform in ``defocus_range`` (Å), V up to
+    ``astigmatism`` Å less, a uniform astigmatism angle, and shared optics."""
+    rng = np.random.default_rng(seed)
+    dfu = rng.uniform(*defocus_range, n)
+    return {"defocus_u": dfu, "defocus_v": dfu - rng.uniform(0, astigmatism, n),
+            "defocus_angle": rng.uniform(-180, 180, n), "voltage": np.full(n, voltage), "cs": np.full(n, cs),
+            "amplitude_contrast": np.full(n, amplitude_contrast), "phase_shift": np.zeros(n),
+            "bfactor": np.zeros(n)}
 
 
 def load_source(path, *, pixel_size: float) -> GaussianModel:
@@ -46,8 +60,9 @@ def load_source(path, *, pixel_size: float) -> GaussianModel:
 
 def simulate_stack(model: GaussianModel, n: int, *, box_size: int, pixel_size: float, snr: float = math.inf,
                    max_shift: float = 0.0, seed: int = 0, device: str = "cpu", backend: str = "auto",
-                   batch_size: int = 64, progress: bool = False) -> SimulatedStack:
-    """Project ``model`` in ``n`` uniformly random poses, shift by up to ``max_shift`` Å, add noise."""
+                   batch_size: int = 64, progress: bool = False, ctf: dict | None = None) -> SimulatedStack:
+    """Project ``model`` in ``n`` uniformly random poses, shift by up to ``max_shift`` Å, apply the
+    CTF when ``ctf`` (per-particle RELION parameters, see :func:`random_ctf_params`) is given, add noise."""
     if n <= 0:
         raise CryogsError(f"the number of particles must be positive, got {n}")
     if snr <= 0:
@@ -62,13 +77,18 @@ def simulate_stack(model: GaussianModel, n: int, *, box_size: int, pixel_size: f
             sl = slice(i, i + batch_size)
             img = project(*params, rotations[sl].float().to(device), shifts[sl].float().to(device),
                           box_size=box_size, pixel_size=pixel_size, backend=backend)
+            if ctf is not None:
+                c = {k: v[sl] for k, v in ctf.items()}
+                img = apply_ctf(img, compute_ctf(box_size, pixel_size, c["defocus_u"], c["defocus_v"],
+                                                 c["defocus_angle"], c["voltage"], c["cs"], c["amplitude_contrast"],
+                                                 c["phase_shift"], c["bfactor"], device=device))
             images[sl] = img.cpu().numpy()
     signal_var = float(images.var(axis=(1, 2)).mean())
     sigma = 0.0 if math.isinf(snr) else math.sqrt(signal_var / snr)
     if sigma > 0:
         rng = np.random.default_rng(seed + 1)
         images += rng.normal(0.0, sigma, images.shape).astype(np.float32)
-    return SimulatedStack(images, rotations.numpy(), shifts.numpy(), sigma, signal_var)
+    return SimulatedStack(images, rotations.numpy(), shifts.numpy(), sigma, signal_var, ctf)
 
 
 def write_dataset(out_dir, model: GaussianModel, stack: SimulatedStack, *, box_size: int, pixel_size: float,
@@ -77,7 +97,8 @@ def write_dataset(out_dir, model: GaussianModel, stack: SimulatedStack, *, box_s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_mrc(out / f"{name}.mrcs", stack.images, pixel_size)
-    write_star(out / f"{name}.star", f"{name}.mrcs", stack.rotations, stack.shifts, pixel_size, box_size)
+    write_star(out / f"{name}.star", f"{name}.mrcs", stack.rotations, stack.shifts, pixel_size, box_size,
+               ctf=stack.ctf)
     with torch.no_grad():
         gt_map = voxelize(*[p.detach() for p in model()], box_size=box_size, pixel_size=pixel_size)
     write_mrc(out / "gt_map.mrc", gt_map.cpu().numpy(), pixel_size)

@@ -1,7 +1,6 @@
 """Fit Gaussians to particle images with known poses: min Σ_i ‖I_i − Γ(θ, pose_i)‖²."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -11,12 +10,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .errors import CryogsError
 from .figures import plot_loss, plot_montage
 from .model import GaussianModel
 from .mrc import write_mrc
-from .particles import ParticleSet, check_images
+from .ctf import apply_ctf, compute_ctf, wiener_filter
+from .particles import ParticleSet
 from .projection import project, resolve_backend, voxelize
 
 #: Particle stacks smaller than this are read into memory once; larger ones stream from disk.
@@ -50,23 +50,31 @@ class TrainConfig:
 
 
 def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) -> tuple[float, float]:
-    """``(radius Å, total mass)`` of the particle from the mean of a sample of images.
+    """``(radius Å, total mass)`` of the particle from a sample of images.
 
-    The mean image of randomly oriented projections is nearly round; the radius holding 95 % of its
-    mass, enlarged by 10 %, bounds the particle. Its sum is the total mass (noise averages out).
+    The mass is the mean image sum (noise averages out) divided by the mean CTF(0), since the CTF
+    scales the zero frequency. The mean of randomly oriented projections is nearly round; after
+    Wiener-filtering each image with its CTF, the radius holding 95 % of the mean image's mass,
+    enlarged by 10 %, bounds the particle.
     """
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(particles), size=min(n_sample, len(particles)), replace=False))
-    mean = particles.images(idx).astype(np.float64).mean(0)
+    images = torch.from_numpy(particles.images(idx)).double()
+    ctf = particle_ctf(particles, idx)
+    total = float(images.sum((1, 2)).mean())
+    if ctf is not None:
+        ctf = ctf.double()
+        total /= float(ctf[:, 0, 0].mean())
+        images = wiener_filter(images, ctf)
+    if not total > 0:
+        raise CryogsError("the particles have no positive mass on average: is the contrast inverted? (try --invert)")
+    mean = images.mean(0).numpy()
     D, p = particles.box_size, particles.pixel_size
     yy, xx = np.indices(mean.shape) - D // 2
     r = np.hypot(xx, yy).ravel()
     order = np.argsort(r)
     cum = np.cumsum(mean.ravel()[order])
-    total = float(mean.sum())
-    if not total > 0:
-        raise CryogsError("the mean particle image has no positive mass: is the contrast inverted? (try --invert)")
-    r95 = r[order][np.searchsorted(cum, 0.95 * total)] if cum[-1] > 0 else D / 2
+    r95 = r[order][min(len(r) - 1, np.searchsorted(cum, 0.95 * cum[-1]))] if cum[-1] > 0 else D / 2
     radius = float(np.clip(1.1 * r95, 0.15 * D, 0.45 * D)) * p
     return radius, total
 
@@ -87,7 +95,11 @@ def default_config(particles: ParticleSet, **overrides) -> TrainConfig:
 
 
 class ParticleBatches:
-    """Mini-batches of (images, rotations, shifts) on the training device, in a seeded order per epoch."""
+    """Mini-batches of (images, rotations, shifts, ctf) on the training device, in a seeded order per epoch.
+
+    ``ctf`` is the ``[k, D, D//2+1]`` CTF of each image (squared for CTF-premultiplied data), or
+    ``None`` when the particles carry no CTF.
+    """
 
     def __init__(self, particles: ParticleSet, batch_size: int, device: torch.device, seed: int):
         self.particles, self.batch_size, self.device, self.seed = particles, batch_size, device, seed
@@ -96,9 +108,7 @@ class ParticleBatches:
         self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=device)
         self.cache = None
         if n * D * D * 4 <= PRELOAD_BYTES:
-            images = particles.images(np.arange(n))
-            check_images(images, particles.source)
-            self.cache = torch.from_numpy(images).to(device)
+            self.cache = torch.from_numpy(particles.images(np.arange(n))).to(device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.particles) / self.batch_size)
@@ -106,17 +116,27 @@ class ParticleBatches:
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.particles))
 
+    def ctf(self, idx: np.ndarray):
+        return particle_ctf(self.particles, idx, device=self.device)
+
     def batch(self, idx: np.ndarray):
         if self.cache is not None:
             images = self.cache[torch.as_tensor(idx, device=self.device)]
         else:
-            idx_sorted = np.sort(idx)
-            arr = self.particles.images(idx_sorted)
-            check_images(arr, self.particles.source)
-            images = torch.from_numpy(arr).to(self.device)
-            idx = idx_sorted
+            idx = np.sort(idx)
+            images = torch.from_numpy(self.particles.images(idx)).to(self.device)
         t = torch.as_tensor(idx, device=self.device)
-        return images, self.rotations[t], self.shifts[t]
+        return images, self.rotations[t], self.shifts[t], self.ctf(idx)
+
+
+def particle_ctf(particles: ParticleSet, idx, *, device=None):
+    """``[k, D, D//2+1]`` CTFs of particles ``idx`` (squared if the data are CTF-premultiplied), or None."""
+    if particles.ctf is None:
+        return None
+    c = {k: v[idx] for k, v in particles.ctf.items()}
+    ctf = compute_ctf(particles.box_size, particles.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
+                      c["voltage"], c["cs"], c["amplitude_contrast"], c["phase_shift"], c["bfactor"], device=device)
+    return ctf * ctf if particles.ctf_premultiplied else ctf
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -124,15 +144,11 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 class Trainer:
     """Adam on the Gaussian parameters, one learning rate per group, exponential decay."""
 
-    def __init__(self, particles: ParticleSet, config: TrainConfig, out_dir, *, progress: bool = True):
+    def __init__(self, particles: ParticleSet, config: TrainConfig, out_dir, *, progress: bool = True,
+                 initial: GaussianModel | None = None):
         self.particles, self.cfg, self.out = particles, config, Path(out_dir)
         self.progress = progress
         self.device = torch.device(config.device)
@@ -140,8 +156,11 @@ class Trainer:
         p, D = particles.pixel_size, particles.box_size
         self.min_scale = config.min_scale or 0.5 * p
         self.max_scale = config.max_scale or D * p / 8
-        self.model = GaussianModel.random(config.n_gaussians, config.init_radius, config.init_scale,
-                                          config.total_mass, seed=config.seed).to(self.device)
+        if initial is None:
+            initial = GaussianModel.random(config.n_gaussians, config.init_radius, config.init_scale,
+                                           config.total_mass, seed=config.seed)
+        config.n_gaussians = len(initial)
+        self.model = GaussianModel.from_arrays(initial.arrays()).to(self.device)
         lr_means = config.lr_means or 0.5 * p
         self.optimizer = torch.optim.Adam([
             {"params": [self.model.means], "lr": lr_means},
@@ -181,12 +200,14 @@ class Trainer:
         self.epoch, self.losses, self.seconds = ck["epoch"], ck["losses"], ck["seconds"]
 
     # ------------------------------------------------------------------ training
-    def render(self, rotations, shifts):
-        return project(*self.model(), rotations, shifts, box_size=self.particles.box_size,
-                       pixel_size=self.particles.pixel_size, backend=self.backend)
+    def render(self, rotations, shifts, ctf=None):
+        """Γ of the model in these poses, convolved with the CTF when one is given."""
+        images = project(*self.model(), rotations, shifts, box_size=self.particles.box_size,
+                         pixel_size=self.particles.pixel_size, backend=self.backend)
+        return images if ctf is None else apply_ctf(images, ctf)
 
-    def step(self, images, rotations, shifts) -> float:
-        pred = self.render(rotations, shifts)
+    def step(self, images, rotations, shifts, ctf) -> float:
+        pred = self.render(rotations, shifts, ctf)
         loss = ((pred - images) ** 2).sum((1, 2)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,9 +254,9 @@ class Trainer:
             self.model.save(self.out / f"gaussians.{ext}")
         plot_loss(self.out / "loss.png", len(self.batches), self.losses)
         idx = np.linspace(0, len(self.particles) - 1, min(4, len(self.particles))).astype(int)
-        images, rotations, shifts = self.batches.batch(idx)
+        images, rotations, shifts, ctf = self.batches.batch(idx)
         with torch.no_grad():
-            rendered = self.render(rotations, shifts).cpu().numpy()
+            rendered = self.render(rotations, shifts, ctf).cpu().numpy()
         plot_montage(self.out / "montage.png", images.cpu().numpy(), rendered,
                      titles=[f"particle {i}" for i in idx])
         n_images = self.cfg.epochs * len(self.particles)
@@ -244,20 +265,25 @@ class Trainer:
                    "device": str(self.device), "final_loss": float(np.mean(self.losses[-len(self.batches):])),
                    "train_seconds": self.seconds, "images_per_second": n_images / max(self.seconds, 1e-9)}
         metrics.update(extra_metrics or {})
-        _atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_json(self.out / "metrics.json", metrics)
         return metrics
 
 
 def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
-                 progress: bool = True, command: str | None = None) -> Trainer:
-    """Train and write every output into ``out_dir``; returns the finished trainer."""
+                 progress: bool = True, command: str | None = None,
+                 initial: GaussianModel | None = None) -> Trainer:
+    """Train from ``initial`` (default: random in a sphere) and checkpoint into ``out_dir``.
+
+    Returns the finished trainer; call :meth:`Trainer.write_outputs` for the map and figures.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(particles, config, out, progress=progress)
+    trainer = Trainer(particles, config, out, progress=progress, initial=initial)
     if resume:
         trainer.resume()
-    _atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    write_json(out / "config.json", asdict(config))
     if command is not None:
-        _atomic_write_text(out / "command.txt", command + "\n")
+        with atomic_path(out / "command.txt") as tmp:
+            tmp.write_text(command + "\n")
     trainer.fit()
     return trainer
