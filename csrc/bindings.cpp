@@ -1,0 +1,53 @@
+// Python bindings of the cryogs._C extension. Ops take and return torch tensors; see common.h and
+// kernels.h for shapes. Undefined tensors come back as None.
+#include "common.h"
+#include "gaussian_math.cuh"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cryogs CUDA rasterizer: preprocess, binning, rasterize forward/backward, voxelize; CPU twins";
+  m.attr("TILE_SIZE") = cryogs::TILE_SIZE;
+  m.attr("RECT_PAD_REL") = cryogs::RECT_PAD_REL;
+  m.attr("RECT_PAD_ABS") = cryogs::RECT_PAD_ABS;
+
+  m.def("debug_poison", &cryogs::debug_poison, "Whether outputs are NaN-poisoned before each kernel run");
+  m.def("set_debug_poison", &cryogs::set_debug_poison, py::arg("on"),
+        "Fill every fully-overwritten output with NaN (float) or a sentinel (int) before each run");
+
+  // CUDA ops.
+  m.def("preprocess_fwd", &cryogs::preprocess_fwd, py::arg("means"), py::arg("quats"), py::arg("scales"),
+        py::arg("amplitudes"), py::arg("rotations"), py::arg("shifts"), py::arg("box_size"), py::arg("pixel_size"),
+        py::arg("cutoff"),
+        "-> [means2d [B,N,2], conics [B,N,3], weights [B,N], radii [B,N,2], tile_counts [B,N] int32]");
+  m.def("preprocess_bwd", &cryogs::preprocess_bwd, py::arg("means"), py::arg("quats"), py::arg("scales"),
+        py::arg("amplitudes"), py::arg("rotations"), py::arg("v_means2d"), py::arg("v_conics"), py::arg("v_weights"),
+        py::arg("pixel_size"), py::arg("pose_grads"),
+        "-> [v_means, v_quats, v_scales, v_amplitudes, v_rotations or None, v_shifts or None]");
+  m.def("bin_instances", &cryogs::bin_instances, py::arg("means2d"), py::arg("radii"), py::arg("tile_counts"),
+        py::arg("box_size"),
+        "-> [tile_ranges [B,T,2] int64, sorted keys [M] int32 (uint32 bits of b*T + tile), gids [M] int32]");
+  m.def("rasterize_fwd", &cryogs::rasterize_fwd, py::arg("means2d"), py::arg("conics"), py::arg("weights"),
+        py::arg("tile_ranges"), py::arg("gids"), py::arg("box_size"), py::arg("cutoff"), py::arg("out") = py::none(),
+        "-> images [B,D,D] (written into out when given)");
+  m.def("rasterize_bwd", &cryogs::rasterize_bwd, py::arg("means2d"), py::arg("conics"), py::arg("weights"),
+        py::arg("radii"), py::arg("tile_ranges"), py::arg("gids"), py::arg("v_image"), py::arg("box_size"),
+        py::arg("cutoff"), py::arg("v_means2d"), py::arg("v_conics"), py::arg("v_weights"),
+        "Adds the 2D gradients into v_means2d [B,N,2], v_conics [B,N,3], v_weights [B,N]");
+  m.def("voxelize_fwd", &cryogs::voxelize_fwd, py::arg("means"), py::arg("quats"), py::arg("scales"),
+        py::arg("amplitudes"), py::arg("box_size"), py::arg("pixel_size"), py::arg("cutoff"), "-> volume [D,D,D]");
+
+  // CPU twins (float32 or float64 CPU tensors).
+  m.def("preprocess_fwd_cpu", &cryogs::preprocess_fwd_cpu, py::arg("means"), py::arg("quats"), py::arg("scales"),
+        py::arg("amplitudes"), py::arg("rotations"), py::arg("shifts"), py::arg("box_size"), py::arg("pixel_size"),
+        py::arg("cutoff"));
+  m.def("preprocess_bwd_cpu", &cryogs::preprocess_bwd_cpu, py::arg("means"), py::arg("quats"), py::arg("scales"),
+        py::arg("amplitudes"), py::arg("rotations"), py::arg("v_means2d"), py::arg("v_conics"),
+        py::arg("v_weights"), py::arg("pixel_size"), py::arg("pose_grads"));
+  m.def("rasterize_fwd_cpu", &cryogs::rasterize_fwd_cpu, py::arg("means2d"), py::arg("conics"), py::arg("weights"),
+        py::arg("radii"), py::arg("tile_counts"), py::arg("box_size"), py::arg("cutoff"));
+  m.def("rasterize_bwd_cpu", &cryogs::rasterize_bwd_cpu, py::arg("means2d"), py::arg("conics"), py::arg("weights"),
+        py::arg("radii"), py::arg("tile_counts"), py::arg("v_image"), py::arg("box_size"), py::arg("cutoff"));
+  m.def("voxelize_cpu", &cryogs::voxelize_cpu, py::arg("means"), py::arg("quats"), py::arg("scales"),
+        py::arg("amplitudes"), py::arg("box_size"), py::arg("pixel_size"), py::arg("cutoff"), py::arg("use_box"));
+}

@@ -1,0 +1,90 @@
+// Host-side helpers shared by the op wrappers: input validation, output allocation (with the debug
+// NaN poisoning) and the op declarations bound in bindings.cpp.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+namespace cryogs {
+
+// Debug poisoning: when on, every output buffer an op fully overwrites is first filled with NaN
+// (float) or a sentinel (int), so an unwritten element shows in the tests. Initialised from the
+// environment variable CRYOGS_DEBUG_POISON (any value but "", "0"), settable at run time.
+bool debug_poison();
+void set_debug_poison(bool on);
+
+// Fills t with NaN (floating point) or INT_MIN-like sentinels (integers) if poisoning is on.
+void maybe_poison(at::Tensor& t);
+
+// at::empty(sizes, options), poisoned if poisoning is on.
+at::Tensor alloc_out(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Checks that t is defined, on the expected device type, of dtype `dtype`, contiguous, and of shape
+// `shape` (-1 = any size); messages name the op and the argument.
+void check_tensor(const char* op, const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
+                  at::ScalarType dtype, bool cuda);
+
+// Checks that all tensors are on the same device as `ref`.
+void check_same_device(const char* op, const at::Tensor& ref, std::initializer_list<at::Tensor> others);
+
+void check_geometry(const char* op, int64_t box_size, double pixel_size, double cutoff);
+
+// Number of tiles along one side of a D x D image.
+int64_t tiles_per_side(int64_t box_size);
+
+// ---- CUDA ops (preprocess.cpp, bin.cpp, rasterize.cpp, voxelize.cpp) ----------------------------
+std::vector<at::Tensor> preprocess_fwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                       const at::Tensor& amplitudes, const at::Tensor& rotations,
+                                       const at::Tensor& shifts, int64_t box_size, double pixel_size, double cutoff);
+
+std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                       const at::Tensor& amplitudes, const at::Tensor& rotations,
+                                       const at::Tensor& v_means2d, const at::Tensor& v_conics,
+                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads);
+
+std::vector<at::Tensor> bin_instances(const at::Tensor& means2d, const at::Tensor& radii,
+                                      const at::Tensor& tile_counts, int64_t box_size);
+
+at::Tensor rasterize_fwd(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& weights,
+                         const at::Tensor& tile_ranges, const at::Tensor& gids, int64_t box_size, double cutoff,
+                         c10::optional<at::Tensor> out);
+
+void rasterize_bwd(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& weights,
+                   const at::Tensor& radii, const at::Tensor& tile_ranges, const at::Tensor& gids,
+                   const at::Tensor& v_image, int64_t box_size, double cutoff, at::Tensor v_means2d,
+                   at::Tensor v_conics, at::Tensor v_weights);
+
+at::Tensor voxelize_fwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                        const at::Tensor& amplitudes, int64_t box_size, double pixel_size, double cutoff);
+
+// ---- CPU twins (cpu_twins.cpp): the same header maths in plain host loops, float32 or float64 ----
+std::vector<at::Tensor> preprocess_fwd_cpu(const at::Tensor& means, const at::Tensor& quats,
+                                           const at::Tensor& scales, const at::Tensor& amplitudes,
+                                           const at::Tensor& rotations, const at::Tensor& shifts, int64_t box_size,
+                                           double pixel_size, double cutoff);
+
+std::vector<at::Tensor> preprocess_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
+                                           const at::Tensor& scales, const at::Tensor& amplitudes,
+                                           const at::Tensor& rotations, const at::Tensor& v_means2d,
+                                           const at::Tensor& v_conics, const at::Tensor& v_weights,
+                                           double pixel_size, bool pose_grads);
+
+// Without tile_counts: brute force over every pixel. With tile_counts: only over the covered tiles
+// (the whole tile in the forward, the pair's box inside it in the backward), as the kernels do.
+at::Tensor rasterize_fwd_cpu(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& weights,
+                             const at::Tensor& radii, const c10::optional<at::Tensor>& tile_counts, int64_t box_size,
+                             double cutoff);
+
+std::vector<at::Tensor> rasterize_bwd_cpu(const at::Tensor& means2d, const at::Tensor& conics,
+                                          const at::Tensor& weights, const at::Tensor& radii,
+                                          const c10::optional<at::Tensor>& tile_counts, const at::Tensor& v_image,
+                                          int64_t box_size, double cutoff);
+
+at::Tensor voxelize_cpu(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                        const at::Tensor& amplitudes, int64_t box_size, double pixel_size, double cutoff,
+                        bool use_box);
+
+}  // namespace cryogs
