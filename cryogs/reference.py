@@ -127,20 +127,22 @@ def rasterize_splat(means2d, conics, weights, radii, *, box_size: int, cutoff: f
     k2 = cutoff * cutoff
 
     def splat_chunk(m2_all, cn_all, w_all, chunk):
+        # Window rows (y) and columns (x) are 1D per pair; only q, exp and the mask are 2D.
         half, local = chunk
         p = pair[local]
         m2, cn, w = m2_all[p], cn_all[p], w_all[p]
         offs = torch.arange(-half, half + 1, device=m2.device)
         with torch.no_grad():
             centre = torch.round(m2).clamp(0, D - 1).long()
-            px = centre[:, 0, None, None] + offs[None, None, :]
-            py = centre[:, 1, None, None] + offs[None, :, None]
-            inside = (px >= 0) & (px < D) & (py >= 0) & (py < D)
-            b = torch.div(p, N, rounding_mode="floor")
-            flat_idx = (b[:, None, None] * D + py.clamp(0, D - 1)) * D + px.clamp(0, D - 1)
-        dx = px.to(m2.dtype) - m2[:, 0, None, None]
-        dy = py.to(m2.dtype) - m2[:, 1, None, None]
-        q = conic_quadratic(cn[:, None, None, :], dx, dy)
+            px = centre[:, 0, None] + offs  # [P, W]
+            py = centre[:, 1, None] + offs  # [P, W]
+            inside = ((py >= 0) & (py < D))[:, :, None] & ((px >= 0) & (px < D))[:, None, :]
+            row = (torch.div(p, N, rounding_mode="floor")[:, None] * D + py.clamp(0, D - 1)) * D
+            flat_idx = row[:, :, None] + px.clamp(0, D - 1)[:, None, :]  # [P, W, W]
+        dx = px.to(m2.dtype) - m2[:, 0, None]
+        dy = py.to(m2.dtype) - m2[:, 1, None]
+        a, b, c = cn[:, 0, None], cn[:, 1, None], cn[:, 2, None]
+        q = (c * dy * dy)[:, :, None] + (2 * b * dx)[:, None, :] * dy[:, :, None] + (a * dx * dx)[:, None, :]
         keep = inside & (q <= k2)
         val = torch.where(keep, w[:, None, None] * torch.exp(-0.5 * q), torch.zeros_like(q))
         return torch.zeros_like(out).index_add(0, flat_idx.reshape(-1), val.reshape(-1))

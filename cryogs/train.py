@@ -39,7 +39,7 @@ class TrainConfig:
     lr_amplitudes: float = 0.03  # log-amplitude per step
     final_lr_fraction: float = 0.02  # learning rates decay exponentially to this fraction
     min_scale: float = 0.0  # Å; 0 means "0.5 pixel"
-    max_scale: float = 0.0  # Å; 0 means "box / 8"
+    max_scale: float = 0.0  # Å; 0 means "3 pixels"
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
@@ -155,7 +155,7 @@ class Trainer:
         self.backend = resolve_backend(config.backend, self.device)
         p, D = particles.pixel_size, particles.box_size
         self.min_scale = config.min_scale or 0.5 * p
-        self.max_scale = config.max_scale or D * p / 8
+        self.max_scale = config.max_scale or 3 * p
         if initial is None:
             initial = GaussianModel.random(config.n_gaussians, config.init_radius, config.init_scale,
                                            config.total_mass, seed=config.seed)

@@ -8,33 +8,47 @@ import torch
 from cryogs.evaluate import compare_maps
 from cryogs.model import GaussianModel
 from cryogs.particles import load_particles
-from cryogs.simulate import simulate_stack, write_dataset
+from cryogs.mrc import read_mrc
+from cryogs.simulate import random_ctf_params, simulate_stack, write_dataset
 from cryogs.train import default_config, run_training
 
 from helpers import random_mixture
 
 
-def _dataset(tmp_path, gen, *, n_particles=500, box=32, apix=2.0, n_gauss=20, snr=float("inf")):
+def _dataset(tmp_path, gen, *, n_particles=500, box=32, apix=2.0, n_gauss=20, snr=float("inf"), defocus=None):
     means, quats, scales, amps = random_mixture(n_gauss, gen, spread=6.0, scale_range=(2.0, 3.5),
                                                 dtype=torch.float32)
     truth = GaussianModel(means.clamp(-14, 14), quats, scales, amps)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    ctf = None if defocus is None else random_ctf_params(n_particles, defocus, seed=seed)
     stack = simulate_stack(truth, n_particles, box_size=box, pixel_size=apix, snr=snr, max_shift=2.0,
-                           seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+                           seed=seed, ctf=ctf)
     files = write_dataset(tmp_path / "data", truth, stack, box_size=box, pixel_size=apix)
     return truth, files
 
 
-def test_recovers_20_gaussian_model_from_500_noise_free_images(tmp_path, rng):
-    _, files = _dataset(tmp_path, rng)
+def _fit_and_compare(files):
     particles = load_particles(files["star"])
-    config = default_config(particles)
-    trainer = run_training(particles, config, tmp_path / "run", progress=False)
-    from cryogs.mrc import read_mrc  # noqa: E402
-
+    trainer = run_training(particles, default_config(particles), files["star"].parent / "run", progress=False)
     ref, _ = read_mrc(files["map"])
     metrics, _, _ = compare_maps(trainer.volume(), ref, particles.pixel_size)
+    return particles, metrics
+
+
+def test_recovers_20_gaussian_model_from_500_noise_free_images(tmp_path, rng):
+    _, files = _dataset(tmp_path, rng)
+    particles, metrics = _fit_and_compare(files)
+    assert particles.ctf is None
     assert metrics["fsc_0.5_angstrom"] <= 2.5 * particles.pixel_size, metrics["fsc_0.5_angstrom"]
     assert metrics["correlation"] > 0.99
+
+
+def test_ctf_round_trip_simulate_then_reconstruct(tmp_path, rng):
+    """Images made with a CTF, fitted with the CTF read back from the STAR file: FSC(0.5) ≤ 3 px."""
+    _, files = _dataset(tmp_path, rng, defocus=(8000.0, 20000.0))
+    particles, metrics = _fit_and_compare(files)
+    assert particles.ctf is not None and particles.ctf["defocus_u"].min() >= 8000
+    assert metrics["fsc_0.5_angstrom"] <= 3 * particles.pixel_size, metrics["fsc_0.5_angstrom"]
 
 
 def test_outputs_and_resume(tmp_path, rng, monkeypatch):
