@@ -1,4 +1,8 @@
-"""Particle sets: poses, shifts, CTF parameters and lazily read images, from RELION STAR files.
+"""Particle sets: poses, shifts, CTF parameters and lazily read images.
+
+Readers: RELION STAR files (:func:`load_star`, here), cryoSPARC ``.cs`` files
+(:func:`cryogs.cryosparc.load_cs`) and cryoDRGN stacks + ``pose.pkl``/``ctf.pkl``
+(:func:`cryogs.cryodrgn.load_cryodrgn`); :func:`load_particles` picks one by extension.
 
 Units and conventions (see :mod:`cryogs.conventions`):
 
@@ -10,11 +14,13 @@ Units and conventions (see :mod:`cryogs.conventions`):
 * CTF arrays are in RELION units: defocus in Å, angles in degrees, voltage in kV, Cs in mm.
 
 Images are read on demand from memory-mapped stacks (:meth:`ParticleSet.images`), so a set of
-millions of particles costs only its metadata in memory.
+millions of particles costs only its metadata in memory. :meth:`ParticleSet.transformed` gives a set
+whose images are inverted and/or Fourier-cropped as they are read (:func:`fourier_crop`).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -36,6 +42,8 @@ __all__ = [
     "load_particles",
     "write_star",
     "check_images",
+    "fourier_crop",
+    "load_indices",
     "CTF_KEYS",
 ]
 
@@ -97,6 +105,8 @@ class ParticleSet:
     first_data_line: int | None = None  # file line of row 0 (found lazily from star_block)
     star_block: str | None = None  # name of the source STAR block, for line numbers in messages
     stack_names: list[str] | None = None  # stacks as named in the file (before path resolution)
+    stack_box: int | None = None  # side of the images on disk (differs from box_size once downsampled)
+    invert: bool = False  # images are multiplied by -1 as they are read
     _cache: "OrderedDict[int, np.ndarray]" = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +120,8 @@ class ParticleSet:
             self.rows = np.arange(n, dtype=np.int64)
         self.pixel_size = float(self.pixel_size)
         self.box_size = int(self.box_size)
+        self.stack_box = self.box_size if self.stack_box is None else int(self.stack_box)
+        self.invert = bool(self.invert)
 
     # -- basics ------------------------------------------------------------------------------
 
@@ -166,10 +178,11 @@ class ParticleSet:
                 "give the folder that holds the stacks with --datadir"
             )
         arr = open_stack(path)
-        if arr.shape[1:] != (self.box_size, self.box_size):
+        if arr.shape[1:] != (self.stack_box, self.stack_box):
+            says = f"{self.source} says" if self.source else "the particle file says"
             raise CryogsError(
-                f"stack {path} has {arr.shape[2]}x{arr.shape[1]} images but the STAR file says box "
-                f"{self.box_size} ({self.describe(particle)})"
+                f"stack {path} has {arr.shape[2]}x{arr.shape[1]} images but {says} box "
+                f"{self.stack_box} ({self.describe(particle)})"
             )
         self._cache[sid] = arr
         while len(self._cache) > _MAX_OPEN_STACKS:
@@ -181,11 +194,12 @@ class ParticleSet:
 
         Only those images are read (memory-mapped stacks, opened once and cached). Raises
         :class:`CryogsError` for a missing stack, an index beyond a stack's end, a box mismatch,
-        or (with ``check``) a NaN/Inf pixel.
+        or (with ``check``) a NaN/Inf pixel. The set's transforms (:meth:`transformed`) are applied
+        to the images read, so ``D`` is :attr:`box_size` (the downsampled side, if any).
         """
         idx = _as_index_array(indices, len(self))
-        D = self.box_size
-        out = np.empty((len(idx), D, D), dtype=np.float32)
+        S = self.stack_box
+        out = np.empty((len(idx), S, S), dtype=np.float32)
         sids = self.stack_id[idx]
         for sid in np.unique(sids):
             pos = np.flatnonzero(sids == sid)
@@ -207,7 +221,34 @@ class ParticleSet:
                 f"NaN or Inf in {self.describe(p)}, image {int(self.stack_index[p]) + 1} of stack "
                 f"{self.stacks[self.stack_id[p]]}"
             )
+        if self.box_size != S:
+            out = fourier_crop(out, self.box_size)
+        if self.invert:
+            np.negative(out, out=out)
         return out
+
+    def transformed(self, *, invert: bool = False, downsample: int | None = None) -> "ParticleSet":
+        """A new set whose images are transformed as they are read (streaming stays lazy).
+
+        ``invert=True`` multiplies the images by -1 (relative to this set: inverting twice restores
+        them). ``downsample=D'`` Fourier-crops the images to ``D'×D'`` (:func:`fourier_crop`): the
+        image sum (total mass) is kept, :attr:`pixel_size` becomes ``p·D/D'`` and :attr:`box_size`
+        ``D'``; shifts (Å), rotations and CTF parameters are unchanged. ``D'`` may be even or odd
+        and must be at most the current box; ``None`` or the current box leaves the size as is.
+        Crops compose exactly, each from the images on disk.
+        """
+        box, apix = self.box_size, self.pixel_size
+        if downsample is not None:
+            if isinstance(downsample, bool) or not float(downsample).is_integer():
+                raise CryogsError(f"{self.source or 'particles'}: --downsample must be a whole number of pixels, got {downsample!r}")
+            d = int(downsample)
+            if d < 2 or d > self.box_size:
+                raise CryogsError(
+                    f"{self.source or 'particles'}: cannot downsample {self.box_size}px images to {d}px; "
+                    f"give a box between 2 and {self.box_size}"
+                )
+            box, apix = d, self.pixel_size * self.box_size / d
+        return replace(self, box_size=box, pixel_size=apix, invert=self.invert ^ bool(invert), _cache=OrderedDict())
 
     def check_stacks(self) -> None:
         """Open every stack once (headers only) and check it exists, holds every image the particles
@@ -233,6 +274,104 @@ class ParticleSet:
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
         return state
+
+
+def fourier_crop(images, size: int, *, chunk: int = 64) -> np.ndarray:
+    """Downsample ``[..., D, D]`` images to ``[..., size, size]`` float32 by Fourier cropping.
+
+    The image centre (index ``D//2``) is the origin of the transform, so it maps to index
+    ``size//2`` and a centred blob stays centred. Only frequencies up to the new Nyquist
+    (``|k| ≤ size/2`` cycles per box, per axis) are kept; the zero frequency is kept unscaled, so
+    the image sum (mass) is unchanged and each pixel holds the mass of its larger area. For even
+    ``size`` the +N and -N frequencies (N = size/2) of the original fall on one frequency of the new
+    grid: they are added (as :func:`scipy.signal.resample` does), so the result equals the original
+    low-pass filtered to ``|k| ≤ N`` and sampled at the new pixel centres. Works through ``chunk``
+    images at a time to bound memory.
+    """
+    a = np.asarray(images)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise CryogsError(f"fourier_crop needs square images [..., D, D], got shape {a.shape}")
+    D, d = a.shape[-1], int(size)
+    if not 1 <= d <= D:
+        raise CryogsError(f"cannot Fourier-crop {D}px images to {d}px")
+    lead = a.shape[:-2]
+    flat = a.reshape(-1, D, D)
+    out = np.empty((flat.shape[0], d, d), dtype=np.float32)
+    if d == D:
+        out[:] = flat
+        return out.reshape(*lead, d, d)
+    lo, hi = d // 2, (d - 1) // 2  # kept frequencies -lo..hi along y; 0..d//2 along x
+    for start in range(0, flat.shape[0], chunk):
+        block = flat[start:start + chunk].astype(np.float64)
+        f = np.fft.rfft2(np.fft.ifftshift(block, axes=(-2, -1)))
+        g = np.empty((len(block), d, d // 2 + 1), dtype=np.complex128)
+        g[:, : hi + 1] = f[:, : hi + 1, : d // 2 + 1]
+        g[:, d - lo:] = f[:, D - lo:, : d // 2 + 1]
+        if d % 2 == 0:
+            g[:, d - lo] += f[:, lo, : d // 2 + 1]  # join +N into the -N (Nyquist) row
+            g[:, :, -1] *= 2  # join -N into +N along x (irfft keeps the real part of the Nyquist column)
+        img = np.fft.irfft2(g, s=(d, d))
+        out[start:start + chunk] = np.fft.fftshift(img, axes=(-2, -1))
+    return out.reshape(*lead, d, d)
+
+
+def load_indices(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
+    """Particle indices (0-based, ``int64``) for ``--ind``: a cryoDRGN ``.pkl``, a ``.npy``, or a
+    ``.txt`` of whitespace-separated integers.
+
+    Every entry must be a whole number ``≥ 0`` and (with ``n``, the particle count) ``< n``, with
+    no repeats; a problem raises :class:`CryogsError` naming the file and the entry.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CryogsError(f"{path}: index file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pkl":
+            with open(path, "rb") as fh:
+                raw = pickle.load(fh)
+        elif suffix == ".npy":
+            raw = np.load(path, allow_pickle=False)
+        elif suffix == ".txt":
+            raw = np.loadtxt(path, dtype=np.float64, ndmin=1, comments="#")
+        else:
+            raise CryogsError(f"{path}: unknown index file type {suffix or '(no extension)'!r}; expected .pkl, .npy or .txt")
+    except CryogsError:
+        raise
+    except Exception as err:  # pickle, numpy and loadtxt raise many kinds
+        raise CryogsError(f"{path}: not a readable index file ({' '.join(str(err).split())})") from None
+    try:
+        arr = np.asarray(raw)
+    except Exception:
+        arr = np.asarray([], dtype=object)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise CryogsError(f"{path}: expected an array of particle indices, got {type(raw).__name__} of {arr.dtype}")
+    if arr.dtype.kind == "b":
+        raise CryogsError(f"{path}: holds a boolean mask, expected particle indices (use np.flatnonzero)")
+    if arr.ndim > 1 and suffix == ".txt":
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise CryogsError(f"{path}: expected a 1D array of particle indices, got shape {arr.shape}")
+    if arr.size == 0:
+        raise CryogsError(f"{path}: holds no particle indices")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise CryogsError(f"{path}: entry {k + 1} is {float(arr[k])!r}, not a whole-number particle index")
+    idx = arr.astype(np.int64)
+    if (idx < 0).any():
+        k = int(np.flatnonzero(idx < 0)[0])
+        raise CryogsError(f"{path}: entry {k + 1} is {idx[k]}, but particle indices count from 0")
+    if n is not None and (idx >= n).any():
+        k = int(np.flatnonzero(idx >= n)[0])
+        raise CryogsError(f"{path}: entry {k + 1} is {idx[k]}, beyond the last particle (index {n - 1} of {n} particles)")
+    uniq, first, counts = np.unique(idx, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        j = int(np.flatnonzero(counts > 1)[0])
+        second = int(np.flatnonzero(idx == uniq[j])[1])
+        raise CryogsError(f"{path}: particle index {uniq[j]} appears twice (entries {first[j] + 1} and {second + 1})")
+    return idx
 
 
 def _as_index_array(indices, n: int) -> np.ndarray:
@@ -647,18 +786,69 @@ def _missing_pair(path: Path, a: str, b: str, t: _Table):
     raise CryogsError(f"{path}: has _{have} but no _{lack}")
 
 
-def load_particles(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None, **kwargs) -> ParticleSet:
-    """Load a particle file by extension: RELION ``.star`` (``kwargs`` go to :func:`load_star`)."""
+def load_particles(
+    path: str | os.PathLike,
+    *,
+    datadir: str | os.PathLike | None = None,
+    poses: str | os.PathLike | None = None,
+    ctf: str | os.PathLike | None = None,
+    pixel_size: float | None = None,
+    ind: str | os.PathLike | None = None,
+    invert: bool = False,
+    downsample: int | None = None,
+    **kwargs,
+) -> ParticleSet:
+    """Load a particle file by extension.
+
+    * ``.star``: RELION (:func:`load_star`; ``kwargs`` such as ``require_poses``/``optics_groups`` go there);
+    * ``.cs``: cryoSPARC (:func:`cryogs.cryosparc.load_cs`; ``kwargs`` may give ``box_size``);
+    * ``.mrcs``/``.mrc``/``.txt``: a cryoDRGN image stack or list of stacks, which needs ``poses``
+      (a ``pose.pkl``) and takes ``ctf`` (a ``ctf.pkl``) and ``pixel_size``
+      (:func:`cryogs.cryodrgn.load_cryodrgn`).
+
+    Then ``ind`` (an index file, :func:`load_indices`) keeps those particles, and ``invert`` /
+    ``downsample`` transform the images as they are read (:meth:`ParticleSet.transformed`).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".star":
-        return load_star(path, datadir=datadir, **kwargs)
-    if suffix in (".cs", ".pkl"):
+    stack_only = {"--poses": poses, "--ctf": ctf, "--pixel-size": pixel_size}
+    given = [k for k, v in stack_only.items() if v is not None]
+    if suffix in (".star", ".cs") and given:
         raise CryogsError(
-            f"{path}: cryoSPARC .cs / cryoDRGN .pkl particle files are not supported yet; "
-            "export a RELION .star (e.g. with csparc2star.py) for now"
+            f"{path}: {', '.join(given)} only apply to image stacks (.mrcs/.txt); a {suffix} file carries "
+            "its own poses, CTF and pixel size"
         )
-    raise CryogsError(f"{path}: unknown particle file type {suffix or '(no extension)'!r}; expected a RELION .star file")
+    if suffix == ".star":
+        particles = load_star(path, datadir=datadir, **kwargs)
+    elif suffix == ".cs":
+        from .cryosparc import load_cs
+
+        particles = load_cs(path, datadir=datadir, **kwargs)
+    elif suffix in (".mrcs", ".mrc", ".txt"):
+        from .cryodrgn import load_cryodrgn
+
+        if poses is None:
+            raise CryogsError(
+                f"{path}: an image stack needs poses: give a cryoDRGN pose.pkl with --poses (and its ctf.pkl with --ctf)"
+            )
+        if kwargs:
+            raise CryogsError(f"{path}: options {', '.join(sorted(kwargs))} do not apply to image stacks")
+        particles = load_cryodrgn(path, poses=poses, ctf=ctf, pixel_size=pixel_size, datadir=datadir)
+    elif suffix == ".pkl":
+        raise CryogsError(
+            f"{path}: a .pkl holds poses or CTF parameters, not images; give the image stack (.mrcs or a .txt "
+            "list of stacks) and pass the pkl files with --poses and --ctf"
+        )
+    else:
+        raise CryogsError(
+            f"{path}: unknown particle file type {suffix or '(no extension)'!r}; expected a RELION .star, a "
+            "cryoSPARC .cs, or an image stack (.mrcs, or a .txt list of stacks) with --poses"
+        )
+    if ind is not None:
+        particles = particles.subset(load_indices(ind, len(particles)))
+    if invert or downsample is not None:
+        particles = particles.transformed(invert=invert, downsample=downsample)
+    return particles
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """RELION STAR particle sets: real fixtures, round trips, and bad input giving one-line errors."""
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from scipy.spatial.transform import Rotation
 from cryogs.conventions import euler_to_matrix
 from cryogs.errors import CryogsError
 from cryogs.mrc import open_stack, write_mrc
-from cryogs.particles import CTF_KEYS, check_images, load_particles, load_star, write_star
+from cryogs.particles import CTF_KEYS, check_images, fourier_crop, load_particles, load_star, write_star
 
 DATA = Path(__file__).parent / "data"
 
@@ -208,10 +209,109 @@ def test_datadir_and_basename_fallback(tmp_path):
 
 def test_load_particles_dispatch(tmp_path):
     assert len(load_particles(DATA / "relion31.star")) == 5
-    with pytest.raises(CryogsError, match=r"particles\.txt"):
+    assert len(load_particles(DATA / "cryosparc_P12_J24_001_particles.cs")) == 2019
+    with pytest.raises(CryogsError, match=r"particles\.txt: an image stack needs poses"):
         load_particles(tmp_path / "particles.txt")
-    with pytest.raises(CryogsError, match=r"\.cs"):
+    with pytest.raises(CryogsError, match=r"empiar_10076_7\.cs: has no 3D poses"):
         load_particles(DATA / "empiar_10076_7.cs")
+    ps = load_particles(DATA / "relion31.star", invert=True, downsample=64)
+    assert ps.box_size == 64 and ps.pixel_size == pytest.approx(2.806 * 4)
+    np.testing.assert_allclose(ps.images([1]), -fourier_crop(open_stack(DATA / "relion31.mrcs")[[1]], 64), atol=1e-5)
+
+
+# --- transforms: invert and Fourier-crop downsampling ----------------------------------------
+
+
+def _fresh_rng() -> np.random.Generator:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def _gaussian(D: int, sigma: float, centre=(0.0, 0.0), mass: float = 1.0) -> np.ndarray:
+    """Mass-per-pixel samples of a 2D Gaussian centred ``centre`` (x, y) px from index D//2."""
+    y, x = np.mgrid[:D, :D] - D // 2
+    r2 = (x - centre[0]) ** 2 + (y - centre[1]) ** 2
+    return mass / (2 * np.pi * sigma**2) * np.exp(-r2 / (2 * sigma**2))
+
+
+@pytest.mark.parametrize("D, d", [(96, 48), (96, 45), (97, 50), (97, 41), (80, 79)])
+def test_fourier_crop_gaussian_closed_form(D, d):
+    """A band-limited image Fourier-cropped equals the image resampled: a Gaussian of σ px at u px from
+    the centre becomes a Gaussian of σ·d/D px at u·d/D px, with the same mass. (σ is wide enough to be
+    band-limited at the new size and narrow enough to vanish at the box edges.)"""
+    r = _fresh_rng()
+    sigma = r.uniform(0.055, 0.07) * D
+    u = r.uniform(-0.06, 0.06, 2) * D
+    mass = r.uniform(0.5, 3.0)
+    img = _gaussian(D, sigma, u, mass)
+    out = fourier_crop(img, d)
+    assert out.shape == (d, d) and out.dtype == np.float32
+    want = _gaussian(d, sigma * d / D, u * d / D, mass)
+    np.testing.assert_allclose(out, want, atol=2e-6 * want.max())
+    assert out.sum() == pytest.approx(mass, rel=1e-5)
+
+
+@pytest.mark.parametrize("D, d", [(40, 20), (40, 17), (41, 24), (41, 41), (33, 2)])
+def test_fourier_crop_keeps_sum_and_centre(D, d):
+    r = _fresh_rng()
+    imgs = r.standard_normal((5, D, D))
+    out = fourier_crop(imgs, d)
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), imgs.sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
+    # A centred blob stays centred (its centroid is at index d//2), even or odd sizes.
+    blob = fourier_crop(_gaussian(D, 3.0 * D / 40), d).astype(np.float64)
+    yy, xx = np.mgrid[:d, :d] - d // 2
+    if d > 8:
+        assert abs((blob * xx).sum() / blob.sum()) < 1e-4 and abs((blob * yy).sum() / blob.sum()) < 1e-4
+    # Same as scipy's Fourier resampling along each axis about the centre, times the pixel-area ratio.
+    from scipy.signal import resample
+
+    ref = np.fft.ifftshift(imgs, axes=(1, 2))
+    ref = np.fft.fftshift(resample(resample(ref, d, axis=1), d, axis=2), axes=(1, 2)) * (D / d) ** 2
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_transformed_particle_set(tmp_path):
+    r = _fresh_rng()
+    n, D, apix = 6, 36, 1.3
+    raw = r.standard_normal((n, D, D)).astype(np.float32)
+    write_mrc(tmp_path / "s.mrcs", raw, apix)
+    shifts = r.uniform(-4, 4, (n, 2))
+    write_star(tmp_path / "p.star", "s.mrcs", Rotation.random(n, random_state=r).as_matrix(), shifts, apix, D)
+    ps = load_star(tmp_path / "p.star")
+
+    inv = ps.transformed(invert=True)
+    np.testing.assert_array_equal(inv.images([2, 0]), -raw[[2, 0]])
+    np.testing.assert_array_equal(inv.transformed(invert=True).images([3]), raw[[3]])  # relative: twice restores
+    np.testing.assert_array_equal(ps.images([2]), raw[[2]])  # the original set is unchanged
+
+    for d in (24, 25):
+        small = ps.transformed(downsample=d)
+        assert small.box_size == d and small.pixel_size == pytest.approx(apix * D / d)
+        np.testing.assert_allclose(small.shifts, ps.shifts)  # Å, unchanged
+        np.testing.assert_array_equal(small.rotations, ps.rotations)
+        got = small.images([4, 1])
+        assert got.shape == (2, d, d) and got.dtype == np.float32
+        np.testing.assert_allclose(got, fourier_crop(raw[[4, 1]], d), atol=1e-6)
+        np.testing.assert_allclose(got.sum(axis=(1, 2)), raw[[4, 1]].sum(axis=(1, 2)), rtol=1e-4, atol=1e-3)
+
+    both = ps.transformed(invert=True, downsample=30).transformed(downsample=20)
+    assert both.box_size == 20 and both.pixel_size == pytest.approx(apix * D / 20)
+    np.testing.assert_allclose(both.images([5]), -fourier_crop(raw[[5]], 20), atol=1e-6)
+    sub = both.subset([5, 0])  # subsets and pickles keep the transforms
+    np.testing.assert_allclose(sub.images([0]), both.images([5]), atol=0)
+    again = pickle.loads(pickle.dumps(sub))
+    np.testing.assert_allclose(again.images([1]), both.images([0]), atol=0)
+    assert ps.transformed(downsample=D).box_size == D
+
+    for bad in (D + 1, 1, 0):
+        with pytest.raises(CryogsError, match=rf"p\.star: cannot downsample {D}px images to {bad}px") as err:
+            ps.transformed(downsample=bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(CryogsError, match=r"whole number"):
+        ps.transformed(downsample=12.5)
+    with pytest.raises(CryogsError, match=r"cannot downsample 30px images to 31px"):
+        ps.transformed(downsample=30).transformed(downsample=31)
 
 
 # --- bad input -------------------------------------------------------------------------------
