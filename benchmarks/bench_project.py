@@ -57,13 +57,13 @@ def _evaluations(backend, params, B, D, N, p):
     if backend == "dense":
         return B * N * D * D, None
     with torch.no_grad():
-        means2d, _, w, radii = preprocess(*params, box_size=D, pixel_size=p, cutoff=CUTOFF_SIGMA)
+        means2d, conics, w, radii = preprocess(*params, box_size=D, pixel_size=p, cutoff=CUTOFF_SIGMA)
     if backend == "torch":
         half = torch.ceil(radii.amax(-1)).clamp(max=D - 1)
         return int(((2 * half + 1) ** 2)[w != 0].sum()), None
-    from cryogs.binning import TILE_SIZE, count_instances
+    from cryogs.binning import TILE_SIZE, tile_counts, valid_pairs
 
-    instances = int(count_instances(means2d, radii, w, box_size=D))
+    instances = int(tile_counts(means2d, radii, D, valid=valid_pairs(conics)).sum())
     return instances * TILE_SIZE * TILE_SIZE, instances
 
 

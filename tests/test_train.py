@@ -126,3 +126,17 @@ def test_model_from_map_peaks(rng):
     d = np.linalg.norm(found[:, None] - means.numpy()[None], axis=-1).min(1)
     assert (d < 1e-3).all()
     assert model.arrays()["amplitudes"].sum() == pytest.approx(vol.sum(), rel=1e-5)
+
+
+def test_half_split_uses_random_subset_when_it_has_both_halves(tmp_path, rng):
+    from cryogs.gold_standard import half_split
+
+    _, files = _dataset(tmp_path, rng, n_particles=10, box=16)
+    particles = load_particles(files["star"])
+    particles.random_subset = np.array([1, 2, 2, 1, 1, 2, 1, 2, 2, 2])
+    h1, h2, how = half_split(particles, seed=0)
+    assert how == "rlnRandomSubset" and list(h1) == [0, 3, 4, 6] and len(h2) == 6
+    particles.random_subset = None
+    h1, h2, how = half_split(particles, seed=0)
+    assert how.startswith("random") and sorted(np.concatenate([h1, h2])) == list(range(10))
+    assert len(h1) == 5 and set(h1).isdisjoint(h2)

@@ -17,6 +17,8 @@ Examples:
   cryogs reconstruct particles.star --out run1 --datadir /data/Extract --gaussians 3000 --epochs 30
   cryogs reconstruct particles.star --out run1 --resume
   cryogs reconstruct particles.star --out run1 --half-maps --reference emd_1234.mrc
+  cryogs reconstruct J24_particles.cs --out run2 --datadir /data/cryosparc/P12 --downsample 128
+  cryogs reconstruct particles.mrcs --poses pose.pkl --ctf ctf.pkl --ind keep.pkl --out run3
   python -m cryogs reconstruct particles.star --out run1 --device cuda --reference gt_map.mrc
 """
 import json
@@ -30,10 +32,22 @@ from cryogs.errors import CryogsError
 
 
 def add_args(parser):
-    parser.add_argument("particles", type=Path, help="RELION STAR file (3.0, 3.1 or 5) with poses")
+    parser.add_argument("particles", type=Path,
+                        help="particles with poses: a RELION STAR file (3.0, 3.1 or 5), a cryoSPARC .cs file, or a "
+                             "cryoDRGN-style .mrcs stack / .txt list of stacks (with --poses)")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
     parser.add_argument("--datadir", type=Path, default=None,
-                        help="folder to find the stacks in (default: paths relative to the STAR file)")
+                        help="folder to find the stacks in (default: paths relative to the particle file)")
+    parser.add_argument("--poses", type=Path, default=None,
+                        help="cryoDRGN pose.pkl, (rot, trans) or rotations only; needed for .mrcs/.txt input")
+    parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl for .mrcs/.txt input")
+    parser.add_argument("--pixel-size", type=float, default=None,
+                        help="pixel size in Å for .mrcs/.txt input when no ctf.pkl gives it")
+    parser.add_argument("--ind", type=Path, default=None,
+                        help="index file (.pkl, .npy or .txt of 0-based particle indices) selecting a subset")
+    parser.add_argument("--invert", action="store_true", help="flip the contrast of the images (multiply by −1)")
+    parser.add_argument("--downsample", type=int, default=None, metavar="D",
+                        help="Fourier-crop the images to D pixels (the pixel size grows by box/D)")
     parser.add_argument("--gaussians", "-n", type=int, default=None,
                         help="number of Gaussians (default: from the particle volume)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the particles (default: from count)")
@@ -65,7 +79,9 @@ def main(args):
     from cryogs.particles import load_particles
     from cryogs.train import TrainConfig, default_config, run_training
 
-    particles = load_particles(args.particles, datadir=args.datadir)
+    particles = load_particles(args.particles, datadir=args.datadir, poses=args.poses, ctf=args.ctf,
+                               pixel_size=args.pixel_size, ind=args.ind, invert=args.invert,
+                               downsample=args.downsample)
     particles.check_stacks()
     if particles.ctf is None:
         print("note: the particles carry no defocus values, so they are reconstructed without a CTF")
