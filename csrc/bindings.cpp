@@ -1,5 +1,7 @@
 // Python bindings of the cryogs._C extension. Ops take and return torch tensors; see common.h and
 // kernels.h for shapes. Undefined tensors come back as None.
+#include <torch/extension.h>
+
 #include "common.h"
 #include "gaussian_math.cuh"
 

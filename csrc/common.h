@@ -2,9 +2,16 @@
 // NaN poisoning) and the op declarations bound in bindings.cpp.
 #pragma once
 
-#include <torch/extension.h>
+// Light ATen headers only (torch/extension.h, which pulls in all of libtorch and pybind11, is
+// included by bindings.cpp alone): this cuts the compile time of each host file several-fold.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <vector>
 

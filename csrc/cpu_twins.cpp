@@ -1,6 +1,9 @@
 // CPU twins of the CUDA ops: plain host loops over the very same gaussian_math.cuh functions the
 // kernels call, in float32 or float64. They exist so the hand-derived maths (and the tile
 // rectangles) are tested against PyTorch autograd without a GPU; they are not meant to be fast.
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
