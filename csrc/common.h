@@ -79,8 +79,9 @@ std::vector<at::Tensor> preprocess_bwd_cpu(const at::Tensor& means, const at::Te
                                            const at::Tensor& v_conics, const at::Tensor& v_weights,
                                            double pixel_size, bool pose_grads);
 
-// Without tile_counts: brute force over every pixel. With tile_counts: only over the covered tiles
-// (the whole tile in the forward, the pair's box inside it in the backward), as the kernels do.
+// Without tile_counts: brute force over every pixel with the plain form w exp(-q/2), q <= k^2. With
+// tile_counts: only over the covered tiles (the whole tile in the forward, the pair's box inside it
+// in the backward) with the kernels' prescaled exp2 form, as the kernels do.
 at::Tensor rasterize_fwd_cpu(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& weights,
                              const at::Tensor& radii, const c10::optional<at::Tensor>& tile_counts, int64_t box_size,
                              double cutoff);

@@ -141,14 +141,18 @@ void for_each_block(int64_t B, int64_t N, int D, const T* means2d, const T* radi
 template <typename T>
 void rasterize_fwd_impl(int64_t B, int64_t N, int D, T cutoff, const T* means2d, const T* conics, const T* weights,
                         const T* radii, const int32_t* tile_counts, T* out) {
-  const T k2s = scaled_cutoff(cutoff);
+  // Brute force uses the plain form w exp(-q/2), q <= k^2; the tiled path the kernels' prescaled form.
+  const T k2 = cutoff * cutoff, k2s = scaled_cutoff(cutoff);
+  const bool plain = tile_counts == nullptr;
   for_each_block(B, N, D, means2d, radii, tile_counts, false, [&](int64_t i, int x0, int x1, int y0, int y1) {
     const int64_t b = i / N;
-    const ScaledConic<T> sc = scale_conic(conics + 3 * i);
+    const T* conic = conics + 3 * i;
+    const ScaledConic<T> sc = scale_conic(conic);
     const T ux = means2d[2 * i], uy = means2d[2 * i + 1], w = weights[i];
     for (int y = y0; y <= y1; ++y) {
       for (int x = x0; x <= x1; ++x) {
-        out[(b * D + y) * D + x] += w * eval_scaled(sc, T(x) - ux, T(y) - uy, k2s);
+        const T dx = T(x) - ux, dy = T(y) - uy;
+        out[(b * D + y) * D + x] += plain ? eval_pixel(conic, w, dx, dy, k2) : w * eval_scaled(sc, dx, dy, k2s);
       }
     }
   });
@@ -158,7 +162,8 @@ template <typename T>
 void rasterize_bwd_impl(int64_t B, int64_t N, int D, T cutoff, const T* means2d, const T* conics, const T* weights,
                         const T* radii, const int32_t* tile_counts, const T* v_image, T* v_means2d, T* v_conics,
                         T* v_weights) {
-  const T k2s = scaled_cutoff(cutoff);
+  const T k2 = cutoff * cutoff, k2s = scaled_cutoff(cutoff);
+  const bool plain = tile_counts == nullptr;
   for_each_block(B, N, D, means2d, radii, tile_counts, true, [&](int64_t i, int x0, int x1, int y0, int y1) {
     const int64_t b = i / N;
     const T* conic = conics + 3 * i;
@@ -169,7 +174,8 @@ void rasterize_bwd_impl(int64_t B, int64_t N, int D, T cutoff, const T* means2d,
     for (int y = y0; y <= y1; ++y) {
       for (int x = x0; x <= x1; ++x) {
         const T dx = T(x) - ux, dy = T(y) - uy;
-        mo.add(v_image[(b * D + y) * D + x] * eval_scaled(sc, dx, dy, k2s), dx, dy);
+        const T e = plain ? eval_pixel(conic, T(1), dx, dy, k2) : eval_scaled(sc, dx, dy, k2s);
+        mo.add(v_image[(b * D + y) * D + x] * e, dx, dy);
       }
     }
     T v_u[2], v_c[3], v_w;
