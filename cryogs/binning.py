@@ -58,8 +58,8 @@ def pixel_spans(means2d: torch.Tensor, radii: torch.Tensor, box_size: int):
 def tile_rects(means2d, radii, box_size: int, *, valid=None, tile_size: int = TILE_SIZE):
     """Inclusive tile bounds ``t0, t1 [B, N, 2]`` (x, y) and ``covers [B, N]`` of every pair.
 
-    ``valid`` defaults to :func:`valid_pairs` of nothing: pass the conics' mask (or any ``[B, N]``
-    mask); when None every pair is considered valid.
+    ``valid`` is a ``[B, N]`` mask of the pairs preprocess kept (e.g. ``valid_pairs(conics)``); when
+    None every pair is treated as valid.
     """
     lo, hi, nonempty = pixel_spans(means2d, radii, box_size)
     covers = nonempty if valid is None else nonempty & valid
