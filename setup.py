@@ -49,8 +49,8 @@ def cuda_extension():
         name="cryogs._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *gencode]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -126,7 +126,7 @@ def markdown(rows) -> str:
     lines = []
     for r in rows:
         inst = "" if r["instances"] is None else f"{r['instances']:,}"
-        sp = "" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.1f}×"
+        sp = "" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.3g}×"
         lines.append(f"| {r['device']} | {r['B']} | {r['D']} | {r['N']} | {r['backend']} | {r['fwd_ms']:.1f} | "
                      f"{r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_images_per_s']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
                      f"{inst} | {r['evaluations_per_s_fwd'] / 1e9:.3f} | {sp} |")

@@ -39,7 +39,6 @@ __all__ = [
     "matrix_to_quat",
     "axis_angle_to_matrix",
     "random_rotations",
-    "grid_coordinates",
     "centre_index",
 ]
 
@@ -47,12 +46,6 @@ __all__ = [
 def centre_index(box_size: int) -> int:
     """Index of the origin on every axis of a box of ``box_size`` samples."""
     return box_size // 2
-
-
-def grid_coordinates(box_size: int, pixel_size: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Å coordinates of the samples along one axis: ``(i - D//2) * pixel_size``."""
-    idx = torch.arange(box_size, device=device, dtype=dtype)
-    return (idx - centre_index(box_size)) * pixel_size
 
 
 def _rz(angle: torch.Tensor) -> torch.Tensor:

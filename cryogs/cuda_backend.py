@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _extension
+from .binning import tiles_per_side
 from .errors import CryogsError
 from .gaussian_math import covariance_3d
 from .reference import voxelize_splat
@@ -49,10 +50,6 @@ def plan_batches(per_image: list[int], max_instances: int, max_images: int) -> l
     return batches
 
 
-def _tiles_per_side(box_size: int, tile_size: int) -> int:
-    return -(-box_size // tile_size)
-
-
 class _ProjectCUDA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, amplitudes, rotations, shifts, box_size: int, pixel_size: float,
@@ -61,7 +58,7 @@ class _ProjectCUDA(torch.autograd.Function):
         means2d, conics, weights, radii, counts = C.preprocess_fwd(means, quats, scales, amplitudes, rotations, shifts,
                                                                    box_size, pixel_size, cutoff)
         B = rotations.shape[0]
-        T = _tiles_per_side(box_size, C.TILE_SIZE) ** 2
+        T = tiles_per_side(box_size, C.TILE_SIZE) ** 2
         per_image = counts.sum(1, dtype=torch.int64).tolist() if B else []
         batches = plan_batches(per_image, max_instances, max(1, (2 ** 31 - 1) // T))
         last_stats.update(instances=int(sum(per_image)), batches=len(batches))

@@ -41,7 +41,6 @@ __all__ = [
     "load_star",
     "load_particles",
     "write_star",
-    "check_images",
     "fourier_crop",
     "load_indices",
     "CTF_KEYS",
@@ -386,24 +385,6 @@ def _as_index_array(indices, n: int) -> np.ndarray:
     if idx.size and (idx.min() < -n or idx.max() >= n):
         raise IndexError(f"particle index out of range for {n} particles")
     return np.where(idx < 0, idx + n, idx)
-
-
-def check_images(batch, where) -> None:
-    """Raise :class:`CryogsError` if any image of ``batch [k, ...]`` has a NaN or Inf.
-
-    ``where`` names the images' origin: a string (e.g. the stack path: the message reads
-    "NaN in particle k of stack X", k 1-based within the batch) or a sequence of per-image labels.
-    """
-    arr = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
-    arr = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(1, -1)
-    ok = np.isfinite(arr).all(axis=1)
-    if ok.all():
-        return
-    k = int(np.flatnonzero(~ok)[0])
-    what = "NaN" if np.isnan(arr[k]).any() else "Inf"
-    if isinstance(where, (str, os.PathLike)):
-        raise CryogsError(f"{what} in particle {k + 1} of stack {where}")
-    raise CryogsError(f"{what} in {where[k]}")
 
 
 # --------------------------------------------------------------------------------------------

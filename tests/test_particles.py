@@ -14,7 +14,7 @@ from scipy.spatial.transform import Rotation
 from cryogs.conventions import euler_to_matrix
 from cryogs.errors import CryogsError
 from cryogs.mrc import open_stack, write_mrc
-from cryogs.particles import CTF_KEYS, check_images, fourier_crop, load_particles, load_star, write_star
+from cryogs.particles import CTF_KEYS, fourier_crop, load_particles, load_star, write_star
 
 DATA = Path(__file__).parent / "data"
 
@@ -431,8 +431,3 @@ def test_nan_image(tmp_path):
     ps.images([0, 1])
     with pytest.raises(CryogsError, match=r"NaN or Inf in particle 3 of .*relion31\.star.*relion31\.mrcs"):
         ps.images([1, 2])
-    with pytest.raises(CryogsError, match="NaN in particle 2 of stack s.mrcs"):
-        check_images(stack[1:3], "s.mrcs")
-    with pytest.raises(CryogsError, match="Inf in my label"):
-        check_images(np.array([[1.0], [np.inf]]), ["a", "my label"])
-    check_images(stack[:2], "s.mrcs")
