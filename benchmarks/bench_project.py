@@ -67,6 +67,23 @@ def _evaluations(backend, params, B, D, N, p):
     return instances * TILE_SIZE * TILE_SIZE, instances
 
 
+def exp_ceiling_per_s():
+    """The GPU's ex2 ceiling: SMs (read off the device) × 16 ex2 per clock × the maximum SM clock
+    (from nvidia-smi); None when the clock cannot be read."""
+    import subprocess
+
+    import torch
+
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    try:
+        mhz = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits",
+                                    "-i", str(torch.cuda.current_device())], capture_output=True, text=True,
+                                   timeout=30).stdout.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return sms, None
+    return sms, sms * 16 * mhz * 1e6
+
+
 def run_one(backend, B, D, N, device, repeats, warmup):
     import torch
 
@@ -114,7 +131,12 @@ def run_one(backend, B, D, N, device, repeats, warmup):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
         device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     evals, instances = _evaluations(backend, [t.detach() for t in params], B, D, N, p)
-    return {"device": device_name, "B": B, "D": D, "N": N, "sigma_px": SIGMA_PX, "backend": backend,
+    extra = {}
+    if cuda:
+        sms, ceiling = exp_ceiling_per_s()
+        extra = {"sm_count": sms, "exp_ceiling_per_s": ceiling,
+                 "exp_ceiling_fraction_fwd": None if ceiling is None else evals / (fwd_ms / 1e3) / ceiling}
+    return {**extra, "device": device_name, "B": B, "D": D, "N": N, "sigma_px": SIGMA_PX, "backend": backend,
             "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "fwd_bwd_images_per_s": B / (fwd_bwd_ms / 1e3),
             "peak_mem_bytes": int(peak), "instances": instances, "evaluations": evals,
             "evaluations_per_s_fwd": evals / (fwd_ms / 1e3), "repeats": repeats}
@@ -122,14 +144,17 @@ def run_one(backend, B, D, N, device, repeats, warmup):
 
 def markdown(rows) -> str:
     head = ("| device | B | D | N | backend | fwd ms | fwd+bwd ms | images/s | peak MiB | instances | "
-            "Geval/s (fwd) | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "Geval/s (fwd) | % of ex2 ceiling (fwd) | speedup vs torch |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         inst = "" if r["instances"] is None else f"{r['instances']:,}"
         sp = "" if r.get("speedup_vs_torch") is None else f"{r['speedup_vs_torch']:.3g}×"
+        frac = r.get("exp_ceiling_fraction_fwd")
+        frac = "" if frac is None else f"{100 * frac:.1f}"
         lines.append(f"| {r['device']} | {r['B']} | {r['D']} | {r['N']} | {r['backend']} | {r['fwd_ms']:.1f} | "
                      f"{r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_images_per_s']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
-                     f"{inst} | {r['evaluations_per_s_fwd'] / 1e9:.3f} | {sp} |")
+                     f"{inst} | {r['evaluations_per_s_fwd'] / 1e9:.3f} | {frac} | {sp} |")
     return head + "\n".join(lines) + "\n"
 
 
