@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --disable-pip-version-check "${CRYOGS_TORCH:-torch==2.14.1}" \
+python -m pip install -q --disable-pip-version-check "${CRYOGS_TORCH:-torch==2.14.1}" numpy \
     "setuptools>=64" wheel pybind11 ninja
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
