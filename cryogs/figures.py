@@ -49,3 +49,43 @@ def plot_montage(path, data: np.ndarray, model: np.ndarray, titles=None) -> None
         if titles is not None:
             axes[i, 0].set_ylabel(titles[i], fontsize=8)
     _save(fig, path)
+
+
+def _extent(n: int, pixel_size: float):
+    lo = (-(n // 2) - 0.5) * pixel_size
+    return lo, lo + n * pixel_size
+
+
+def plot_slices(path, volume: np.ndarray, pixel_size: float) -> None:
+    """The three central slices of a ``V[z, y, x]`` map through index D//2, axes in Å."""
+    c = [n // 2 for n in volume.shape]
+    views = [(volume[c[0]], "z = 0 (x–y)", "x (Å)", "y (Å)"), (volume[:, c[1]], "y = 0 (x–z)", "x (Å)", "z (Å)"),
+             (volume[:, :, c[2]], "x = 0 (y–z)", "y (Å)", "z (Å)")]
+    lo, hi = float(volume.min()), float(volume.max())
+    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.8), gridspec_kw={"wspace": 0.4})
+    for ax, (img, title, xl, yl) in zip(axes, views):
+        (x0, x1), (y0, y1) = _extent(img.shape[1], pixel_size), _extent(img.shape[0], pixel_size)
+        im = ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, extent=(x0, x1, y0, y1))
+        ax.set_title(title)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mass per voxel")
+    _save(fig, path)
+
+
+def plot_gaussians(path, means: np.ndarray, amplitudes: np.ndarray, box_angstrom: float) -> None:
+    """The Gaussians' centres seen along z, y and x, coloured by amplitude."""
+    order = np.argsort(amplitudes)
+    m, a = means[order], amplitudes[order]
+    half = box_angstrom / 2
+    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.8), gridspec_kw={"wspace": 0.4})
+    for ax, (i, j) in zip(axes, [(0, 1), (0, 2), (1, 2)]):
+        sc = ax.scatter(m[:, i], m[:, j], c=a, s=6, cmap="viridis")
+        ax.set_xlim(-half, half)
+        ax.set_ylim(-half, half)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"{'xyz'[i]} (Å)")
+        ax.set_ylabel(f"{'xyz'[j]} (Å)")
+    axes[0].set_title(f"{len(a)} Gaussian centres")
+    fig.colorbar(sc, ax=axes, shrink=0.8, label="amplitude (integrated mass)")
+    _save(fig, path)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import plot_slices
 from .fsc import fsc, plot_fsc, resolution_at
 from .mrc import write_mrc
 from .particles import ParticleSet
@@ -47,6 +48,7 @@ def run_half_maps(particles: ParticleSet, config: TrainConfig, out_dir, *, resum
         halves.append(trainer)
     average = 0.5 * (maps[0] + maps[1])
     write_mrc(out / "map.mrc", average, p)
+    plot_slices(out / "slices.png", average, p)
     radius = mask_radius if mask_radius is not None else min(config.init_radius / 0.8 + 4 * p,
                                                               0.5 * particles.box_size * p - 2 * p)
     freqs, curve = fsc(maps[0], maps[1], pixel_size=p, mask_radius=radius)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
 from .errors import CryogsError
-from .figures import plot_loss, plot_montage
+from .figures import plot_gaussians, plot_loss, plot_montage, plot_slices
 from .model import GaussianModel
 from .mrc import write_mrc
 from .ctf import apply_ctf, compute_ctf, wiener_filter
@@ -247,9 +247,14 @@ class Trainer:
                             pixel_size=self.particles.pixel_size).cpu().numpy()
 
     def write_outputs(self, extra_metrics: dict | None = None) -> dict:
-        """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png`` and ``metrics.json``."""
-        p = self.particles.pixel_size
-        write_mrc(self.out / "map.mrc", self.volume(), p)
+        """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png``, ``slices.png``,
+        ``gaussians.png`` and ``metrics.json``."""
+        p, D = self.particles.pixel_size, self.particles.box_size
+        volume = self.volume()
+        write_mrc(self.out / "map.mrc", volume, p)
+        plot_slices(self.out / "slices.png", volume, p)
+        arrays = self.model.arrays()
+        plot_gaussians(self.out / "gaussians.png", arrays["means"], arrays["amplitudes"], D * p)
         for ext in ("npz", "pt", "ply"):
             self.model.save(self.out / f"gaussians.{ext}")
         plot_loss(self.out / "loss.png", len(self.batches), self.losses)

@@ -59,7 +59,7 @@ def test_outputs_and_resume(tmp_path, rng, monkeypatch):
     full = run_training(particles, config, out, progress=False)
     metrics = full.write_outputs()
     for name in ["map.mrc", "gaussians.npz", "gaussians.pt", "gaussians.ply", "loss.png", "montage.png",
-                 "metrics.json", "config.json", "checkpoint.pt"]:
+                 "slices.png", "gaussians.png", "metrics.json", "config.json", "checkpoint.pt"]:
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "metrics.json").read_text())["n_gaussians"] == 30 == metrics["n_gaussians"]
     # a run killed right after its epoch-1 checkpoint, then resumed, ends where the uninterrupted run did
