@@ -99,6 +99,7 @@ class ParticleSet:
     random_subset: np.ndarray | None = None  # [n] int64 (1 or 2) or None
     source: str = ""
     ctf_premultiplied: bool = False
+    ctf_phase_flipped: bool = False
     optics_group: np.ndarray | None = None  # [n] int64
     rows: np.ndarray | None = None  # [n] int64
     first_data_line: int | None = None  # file line of row 0 (found lazily from star_block)
@@ -601,7 +602,7 @@ def _one_value(path: Path, what: str, values: np.ndarray, groups: np.ndarray | N
         listing = ", ".join(f"group {g}: {fmt(v)}" for g, v in sorted(per.items()))
         raise CryogsError(
             f"{path}: optics groups have different {what}s ({listing}); cryogs reconstructs from one "
-            f"{what} — select one {what} with optics_groups= / --optics-groups, or re-extract"
+            f"{what} — select one {what} with --optics-groups (optics_groups= in Python), or re-extract"
         )
     uniq = np.unique(values)
     listing = ", ".join(fmt(v) for v in uniq[:6]) + (", ..." if len(uniq) > 6 else "")
@@ -741,6 +742,13 @@ def load_star(
             raise CryogsError(f"{path}: some optics groups have CTF-premultiplied images and some do not")
         premult = bool(flags.all())
 
+    flipped = False
+    if t.has("rlnCtfDataArePhaseFlipped"):
+        flags = col("rlnCtfDataArePhaseFlipped") != 0
+        if flags.any() and not flags.all():
+            raise CryogsError(f"{path}: some optics groups have phase-flipped images and some do not")
+        flipped = bool(flags.all())
+
     random_subset = t.integer("rlnRandomSubset")[rows] if t.has("rlnRandomSubset") else None
 
     return ParticleSet(
@@ -755,6 +763,7 @@ def load_star(
         random_subset=random_subset,
         source=str(path),
         ctf_premultiplied=premult,
+        ctf_phase_flipped=flipped,
         optics_group=groups,
         rows=rows,
         star_block=pname,

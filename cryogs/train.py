@@ -21,6 +21,7 @@ from .projection import project, resolve_backend, voxelize
 
 #: Particle stacks smaller than this are read into memory once; larger ones stream from disk.
 PRELOAD_BYTES = 2 << 30
+PRELOAD_CHUNK = 4096
 
 
 @dataclass
@@ -108,7 +109,12 @@ class ParticleBatches:
         self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=device)
         self.cache = None
         if n * D * D * 4 <= PRELOAD_BYTES:
-            self.cache = torch.from_numpy(particles.images(np.arange(n))).to(device)
+            # filled in chunks: reading (and Fourier-cropping) all at once would first allocate the
+            # stack at its full, un-downsampled size
+            self.cache = torch.empty(n, D, D, device=device)
+            for i in range(0, n, PRELOAD_CHUNK):
+                idx = np.arange(i, min(n, i + PRELOAD_CHUNK))
+                self.cache[i:i + len(idx)] = torch.from_numpy(particles.images(idx)).to(device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.particles) / self.batch_size)
@@ -130,13 +136,18 @@ class ParticleBatches:
 
 
 def particle_ctf(particles: ParticleSet, idx, *, device=None):
-    """``[k, D, D//2+1]`` CTFs of particles ``idx`` (squared if the data are CTF-premultiplied), or None."""
+    """``[k, D, D//2+1]`` CTFs of particles ``idx``, or None without CTF values.
+
+    For CTF-premultiplied images the model is multiplied by CTF², for phase-flipped ones by |CTF|.
+    """
     if particles.ctf is None:
         return None
     c = {k: v[idx] for k, v in particles.ctf.items()}
     ctf = compute_ctf(particles.box_size, particles.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
                       c["voltage"], c["cs"], c["amplitude_contrast"], c["phase_shift"], c["bfactor"], device=device)
-    return ctf * ctf if particles.ctf_premultiplied else ctf
+    if particles.ctf_premultiplied:
+        return ctf * ctf
+    return ctf.abs() if particles.ctf_phase_flipped else ctf
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -188,8 +199,6 @@ class Trainer:
                            self.checkpoint_path)
 
     def resume(self) -> None:
-        if not self.checkpoint_path.exists():
-            raise CryogsError(f"--resume: no checkpoint at {self.checkpoint_path}")
         ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
         if ck["model"]["means"].shape[0] != len(self.model):
             raise CryogsError(f"{self.checkpoint_path}: checkpoint has {ck['model']['means'].shape[0]} Gaussians, "
@@ -284,11 +293,13 @@ def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(particles, config, out, progress=progress, initial=initial)
-    if resume:
+    if resume and trainer.checkpoint_path.exists():
         trainer.resume()
+    elif resume:
+        print(f"note: no checkpoint in {out} yet (stopped during its first epoch); starting it afresh")
     write_json(out / "config.json", asdict(config))
-    if command is not None:
-        with atomic_path(out / "command.txt") as tmp:
-            tmp.write_text(command + "\n")
+    if command is not None:  # every invocation, the first and each --resume, one line each
+        with open(out / "command.txt", "a") as fh:
+            fh.write(command + "\n")
     trainer.fit()
     return trainer

@@ -34,6 +34,9 @@ std::vector<at::Tensor> bin_instances(const at::Tensor& means2d, const at::Tenso
   const int64_t M = offsets[-1].item<int64_t>();
   TORCH_CHECK(M >= 0, "cryogs.", op, ": negative instance count ", M, " (corrupt tile_counts)");
   if (M == 0) return {ranges, at::empty({0}, i32), at::empty({0}, i32)};
+  // CUB's sort takes an int item count.
+  TORCH_CHECK(M <= int64_t(0x7fffffff), "cryogs.", op, ": ", M, " instances in one batch exceed 2^31 - 1; "
+              "lower the instance budget or the number of images per call");
   // Separate buffers, so the returned sorted arrays keep only their own storage alive.
   at::Tensor keys0 = alloc_out({M}, i32), keys1 = alloc_out({M}, i32);
   at::Tensor vals0 = alloc_out({M}, i32), vals1 = alloc_out({M}, i32);

@@ -129,3 +129,16 @@ def test_smoke_real_relion31_particles_downsampled_with_half_maps(tmp_path):
     with mrcfile.open(tmp_path / "run" / "map.mrc") as m:
         assert m.data.shape == (32, 32, 32)
         assert m.voxel_size.x == pytest.approx(2.806 * 256 / 32, rel=1e-5)
+
+
+def test_half_maps_resume_when_the_second_half_never_checkpointed(tmp_path, dataset):
+    out = tmp_path / "run"
+    args = ("reconstruct", dataset["star"], "--out", out, "--epochs", "1", "--gaussians", "10", "--half-maps",
+            "--no-progress")
+    assert cryogs(*args).returncode == 0
+    (out / "half2" / "checkpoint.pt").unlink()  # as if stopped during half 2's first epoch
+    (out / "map.mrc").unlink()
+    res = cryogs(*args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "starting it afresh" in res.stdout and (out / "map.mrc").exists()
+    assert len((out / "half1" / "command.txt").read_text().splitlines()) == 2

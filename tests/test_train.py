@@ -163,3 +163,27 @@ def test_streaming_from_disk_matches_the_in_memory_cache(tmp_path, rng, monkeypa
         np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-3)
     cov = [covariance_3d(torch.from_numpy(m["quats"]), torch.from_numpy(m["scales"])) for m in (a, b)]
     assert torch.allclose(cov[0], cov[1], rtol=1e-3, atol=1e-2)  # Å², against entries of ~10 Å²
+
+
+def test_resume_before_the_first_checkpoint_starts_afresh(tmp_path, rng):
+    _, files = _dataset(tmp_path, rng, n_particles=16, box=16)
+    particles = load_particles(files["star"])
+    config = default_config(particles, epochs=1, n_gaussians=5, batch_size=8)
+    trainer = run_training(particles, config, tmp_path / "new", resume=True, progress=False)
+    assert trainer.epoch == 1 and (tmp_path / "new" / "checkpoint.pt").exists()
+
+
+def test_phase_flipped_and_premultiplied_ctf(tmp_path, rng):
+    import starfile
+
+    from cryogs.train import particle_ctf
+
+    _, files = _dataset(tmp_path, rng, n_particles=4, box=16, defocus=(9000.0, 12000.0))
+    plain = particle_ctf(load_particles(files["star"]), np.arange(4))
+    assert (plain < 0).any()
+    for column, expected in [("rlnCtfDataArePhaseFlipped", plain.abs()), ("rlnCtfDataAreCtfPremultiplied", plain ** 2)]:
+        star = starfile.read(files["star"])
+        star["optics"][column] = 1
+        starfile.write(star, files["star"].parent / "flag.star")
+        got = particle_ctf(load_particles(files["star"].parent / "flag.star"), np.arange(4))
+        assert torch.allclose(got, expected, atol=1e-6), column

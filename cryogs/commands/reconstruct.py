@@ -43,6 +43,8 @@ def add_args(parser):
     parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl for .mrcs/.txt input")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="pixel size in Å for .mrcs/.txt input when no ctf.pkl gives it")
+    parser.add_argument("--optics-groups", type=int, nargs="+", default=None, metavar="N",
+                        help="RELION optics groups to use (default: all; they must share one pixel size)")
     parser.add_argument("--ind", type=Path, default=None,
                         help="index file (.pkl, .npy or .txt of 0-based particle indices) selecting a subset")
     parser.add_argument("--invert", action="store_true", help="flip the contrast of the images (multiply by −1)")
@@ -67,7 +69,9 @@ def add_args(parser):
                              "radius estimated from the images, plus 4 pixels)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="known map to report the FSC against at 0.5 (its box and voxel size must match)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in DIR from its last checkpoint, with its saved configuration "
+                             "(--device and --backend may change)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     add_compute_args(parser)
 
@@ -79,9 +83,10 @@ def main(args):
     from cryogs.particles import load_particles
     from cryogs.train import TrainConfig, default_config, run_training
 
+    extra = {} if args.optics_groups is None else {"optics_groups": args.optics_groups}
     particles = load_particles(args.particles, datadir=args.datadir, poses=args.poses, ctf=args.ctf,
                                pixel_size=args.pixel_size, ind=args.ind, invert=args.invert,
-                               downsample=args.downsample)
+                               downsample=args.downsample, **extra)
     particles.check_stacks()
     if particles.ctf is None:
         print("note: the particles carry no defocus values, so they are reconstructed without a CTF")
@@ -90,6 +95,9 @@ def main(args):
         if not config_file.exists():
             raise CryogsError(f"--resume: no earlier run in {args.out} (missing {config_file})")
         config = TrainConfig.from_dict(json.loads(config_file.read_text()))
+        config.device, config.backend = args.device, args.backend  # where it runs now may differ
+        print(f"resuming with the configuration in {config_file}; only --device and --backend are taken "
+              "from this command line")
     else:
         config = default_config(
             particles, n_gaussians=args.gaussians, epochs=args.epochs, batch_size=args.batch_size,
