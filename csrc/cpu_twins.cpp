@@ -31,18 +31,13 @@ void preprocess_fwd_impl(int64_t B, int64_t N, int D, T p, T cutoff, const T* me
                          const T* amplitudes, const T* rotations, const T* shifts, T* means2d, T* conics, T* weights,
                          T* radii, int32_t* tile_counts) {
   for (int64_t g = 0; g < N; ++g) {
-    T q[4], s[3], mu[3], R[9], L[9];
-    copy_n(quats + 4 * g, 4, q);
-    copy_n(scales + 3 * g, 3, s);
-    copy_n(means + 3 * g, 3, mu);
-    quat_to_rotmat(q, R);
-    scale_rot(R, s, L);
+    const Gaussian<T> G = load_gaussian(g, means, quats, scales);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t i = b * N + g;
       T A[9], t[2];
       copy_n(rotations + 9 * b, 9, A);
       copy_n(shifts + 2 * b, 2, t);
-      const PairFwd<T> f = pair_forward(A, t, mu, L, amplitudes[g], p, static_cast<T>(D / 2), cutoff);
+      const PairFwd<T> f = pair_forward(A, t, G.mu, G.L, amplitudes[g], p, static_cast<T>(D / 2), cutoff);
       copy_n(f.u, 2, means2d + 2 * i);
       copy_n(f.conic, 3, conics + 3 * i);
       weights[i] = f.w;
@@ -63,12 +58,7 @@ void preprocess_bwd_impl(int64_t B, int64_t N, T p, const T* means, const T* qua
     for (int64_t k = 0; k < 2 * B; ++k) v_shifts[k] = T(0);
   }
   for (int64_t g = 0; g < N; ++g) {
-    T q[4], s[3], mu[3], R[9], L[9];
-    copy_n(quats + 4 * g, 4, q);
-    copy_n(scales + 3 * g, 3, s);
-    copy_n(means + 3 * g, 3, mu);
-    quat_to_rotmat(q, R);
-    scale_rot(R, s, L);
+    const Gaussian<T> G = load_gaussian(g, means, quats, scales);
     T acc[13] = {};
     for (int64_t b = 0; b < B; ++b) {
       const int64_t i = b * N + g;
@@ -81,16 +71,16 @@ void preprocess_bwd_impl(int64_t B, int64_t N, T p, const T* means, const T* qua
       }
       T A[9], v_M[6], v_m;
       copy_n(rotations + 9 * b, 9, A);
-      if (!pair_backward_cov(A, L, amplitudes[g], p, v_c, v_w, v_M, v_m)) continue;
+      if (!pair_backward_cov(A, G.L, amplitudes[g], p, v_c, v_w, v_M, v_m)) continue;
       T* v_A = v_rotations ? v_rotations + 9 * b : nullptr;
       T* v_t = v_rotations ? v_shifts + 2 * b : nullptr;
-      projected_factor_vjp(A, L, p, v_M, acc, v_A);
-      mean2d_vjp(A, mu, p, v_u, acc + 9, v_A, v_t);
+      projected_factor_vjp(A, G.L, p, v_M, acc, v_A);
+      mean2d_vjp(A, G.mu, p, v_u, acc + 9, v_A, v_t);
       acc[12] += v_m;
     }
     T v_R[9], v_s[3], v_q[4];
-    scale_rot_vjp(R, s, acc, v_R, v_s);
-    quat_to_rotmat_vjp(q, v_R, v_q);
+    scale_rot_vjp(G.R, G.s, acc, v_R, v_s);
+    quat_to_rotmat_vjp(G.q, v_R, v_q);
     copy_n(acc + 9, 3, v_means + 3 * g);
     copy_n(v_s, 3, v_scales + 3 * g);
     copy_n(v_q, 4, v_quats + 4 * g);

@@ -170,6 +170,28 @@ GM_UNROLL
   }
 }
 
+// Gaussian g read from the [N, 3] means, [N, 4] quats and [N, 3] scales, with R = R(q) and the
+// covariance factor L = R diag(s). Kernels and CPU twins all read Gaussians through this.
+template <typename T>
+struct Gaussian {
+  T mu[3], q[4], s[3], R[9], L[9];
+};
+
+template <typename T>
+GM_HD Gaussian<T> load_gaussian(int64_t g, const T* means, const T* quats, const T* scales) {
+  Gaussian<T> G;
+GM_UNROLL
+  for (int k = 0; k < 3; ++k) {
+    G.mu[k] = means[3 * g + k];
+    G.s[k] = scales[3 * g + k];
+  }
+GM_UNROLL
+  for (int k = 0; k < 4; ++k) G.q[k] = quats[4 * g + k];
+  quat_to_rotmat(G.q, G.R);
+  scale_rot(G.R, G.s, G.L);
+  return G;
+}
+
 // From v_L: v_s[j] = sum_k v_L[k][j] R[k][j];  v_R[k][j] = v_L[k][j] s[j].
 template <typename T>
 GM_HD void scale_rot_vjp(const T R[9], const T s[3], const T v_L[9], T v_R[9], T v_s[3]) {

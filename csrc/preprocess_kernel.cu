@@ -25,21 +25,13 @@ __global__ void preprocess_fwd_kernel(int64_t B, int64_t N, int D, float p, floa
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // pair b*N + g
   if (i >= B * N) return;
   const int64_t b = i / N, g = i % N;
-  float A[9], t[2], mu[3], q[4], s[3], R[9], L[9];
+  float A[9], t[2];
   GM_UNROLL
   for (int k = 0; k < 9; ++k) A[k] = rotations[9 * b + k];
   t[0] = shifts[2 * b];
   t[1] = shifts[2 * b + 1];
-  GM_UNROLL
-  for (int k = 0; k < 3; ++k) {
-    mu[k] = means[3 * g + k];
-    s[k] = scales[3 * g + k];
-  }
-  GM_UNROLL
-  for (int k = 0; k < 4; ++k) q[k] = quats[4 * g + k];
-  quat_to_rotmat(q, R);
-  scale_rot(R, s, L);
-  const PairFwd<float> f = pair_forward(A, t, mu, L, amplitudes[g], p, static_cast<float>(D / 2), cutoff);
+  const Gaussian<float> G = load_gaussian(g, means, quats, scales);
+  const PairFwd<float> f = pair_forward(A, t, G.mu, G.L, amplitudes[g], p, static_cast<float>(D / 2), cutoff);
   means2d[2 * i] = f.u[0];
   means2d[2 * i + 1] = f.u[1];
   conics[3 * i] = f.conic[0];
@@ -93,18 +85,10 @@ __global__ void __launch_bounds__(GX * BY)
   float acc[NACC];
   GM_UNROLL
   for (int k = 0; k < NACC; ++k) acc[k] = 0.f;
-  float q[4], s[3], mu[3], R[9], L[9], m = 0.f;
+  Gaussian<float> G{};
   if (g < N) {
-    GM_UNROLL
-    for (int k = 0; k < 3; ++k) {
-      mu[k] = means[3 * g + k];
-      s[k] = scales[3 * g + k];
-    }
-    GM_UNROLL
-    for (int k = 0; k < 4; ++k) q[k] = quats[4 * g + k];
-    m = amplitudes[g];
-    quat_to_rotmat(q, R);
-    scale_rot(R, s, L);
+    G = load_gaussian(g, means, quats, scales);
+    const float m = amplitudes[g];
     for (int64_t b = ty; b < B; b += BY) {
       const int64_t i = b * N + g;
       float v_u[2], v_c[3], v_w;
@@ -113,9 +97,9 @@ __global__ void __launch_bounds__(GX * BY)
       GM_UNROLL
       for (int k = 0; k < 9; ++k) A[k] = rotations[9 * b + k];
       float v_M[6], v_m;
-      if (!pair_backward_cov(A, L, m, p, v_c, v_w, v_M, v_m)) continue;
-      projected_factor_vjp(A, L, p, v_M, acc, static_cast<float*>(nullptr));
-      mean2d_vjp(A, mu, p, v_u, acc + 9, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+      if (!pair_backward_cov(A, G.L, m, p, v_c, v_w, v_M, v_m)) continue;
+      projected_factor_vjp(A, G.L, p, v_M, acc, static_cast<float*>(nullptr));
+      mean2d_vjp(A, G.mu, p, v_u, acc + 9, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
       acc[12] += v_m;
     }
   }
@@ -130,8 +114,8 @@ __global__ void __launch_bounds__(GX * BY)
     acc[k] = sum;
   }
   float v_R[9], v_s[3], v_q[4];
-  scale_rot_vjp(R, s, acc, v_R, v_s);
-  quat_to_rotmat_vjp(q, v_R, v_q);
+  scale_rot_vjp(G.R, G.s, acc, v_R, v_s);
+  quat_to_rotmat_vjp(G.q, v_R, v_q);
   GM_UNROLL
   for (int k = 0; k < 3; ++k) {
     v_means[3 * g + k] = acc[9 + k];
@@ -172,20 +156,11 @@ __global__ void __launch_bounds__(POSE_THREADS)
     const int64_t i = b * N + g;
     float v_u[2], v_c[3], v_w;
     if (!load_pair_grads(i, v_means2d, v_conics, v_weights, v_u, v_c, v_w)) continue;
-    float q[4], s[3], mu[3], R[9], L[9];
-    GM_UNROLL
-    for (int k = 0; k < 3; ++k) {
-      mu[k] = means[3 * g + k];
-      s[k] = scales[3 * g + k];
-    }
-    GM_UNROLL
-    for (int k = 0; k < 4; ++k) q[k] = quats[4 * g + k];
-    quat_to_rotmat(q, R);
-    scale_rot(R, s, L);
+    const Gaussian<float> G = load_gaussian(g, means, quats, scales);
     float v_M[6], v_m;
-    if (!pair_backward_cov(A, L, amplitudes[g], p, v_c, v_w, v_M, v_m)) continue;
-    projected_factor_vjp(A, L, p, v_M, static_cast<float*>(nullptr), acc);
-    mean2d_vjp(A, mu, p, v_u, static_cast<float*>(nullptr), acc, acc + 6);
+    if (!pair_backward_cov(A, G.L, amplitudes[g], p, v_c, v_w, v_M, v_m)) continue;
+    projected_factor_vjp(A, G.L, p, v_M, static_cast<float*>(nullptr), acc);
+    mean2d_vjp(A, G.mu, p, v_u, static_cast<float*>(nullptr), acc, acc + 6);
   }
   // Warp reduction, then one fixed-order sum over warps.
   GM_UNROLL
