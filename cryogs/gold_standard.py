@@ -41,8 +41,8 @@ def run_half_maps(particles: ParticleSet, config: TrainConfig, out_dir, *, resum
         cfg.seed = config.seed + k  # independent initialisations and orders
         trainer = run_training(particles.subset(idx), cfg, out / f"half{k}", resume=resume, progress=progress,
                                command=command)
-        trainer.write_outputs()
         vol = trainer.volume()
+        trainer.write_outputs(volume=vol)
         write_mrc(out / f"half{k}.mrc", vol, p)
         maps.append(vol)
         halves.append(trainer)

@@ -255,11 +255,11 @@ class Trainer:
             return voxelize(*[t.detach() for t in self.model()], box_size=self.particles.box_size,
                             pixel_size=self.particles.pixel_size).cpu().numpy()
 
-    def write_outputs(self, extra_metrics: dict | None = None) -> dict:
+    def write_outputs(self, extra_metrics: dict | None = None, volume: np.ndarray | None = None) -> dict:
         """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png``, ``slices.png``,
-        ``gaussians.png`` and ``metrics.json``."""
+        ``gaussians.png`` and ``metrics.json``. ``volume`` is :meth:`volume`, if the caller has it."""
         p, D = self.particles.pixel_size, self.particles.box_size
-        volume = self.volume()
+        volume = self.volume() if volume is None else volume
         write_mrc(self.out / "map.mrc", volume, p)
         plot_slices(self.out / "slices.png", volume, p)
         arrays = self.model.arrays()

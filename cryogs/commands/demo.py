@@ -53,8 +53,9 @@ def main(args):
     run_dir = args.out / "reconstruction"
     trainer = run_training(particles, config, run_dir, progress=not args.no_progress,
                            command=shlex.join(["cryogs", *sys.argv[1:]]))
-    result = compare_maps_files(trainer.volume(), particles.pixel_size, files["map"], args.out / "fsc.png")
-    trainer.write_outputs(result)
+    volume = trainer.volume()
+    result = compare_maps_files(volume, particles.pixel_size, files["map"], args.out / "fsc.png")
+    trainer.write_outputs(result, volume)
     print(f"FSC against the ground truth: {result['fsc_0.5_angstrom']:.2f} Å at 0.5, "
           f"{result['fsc_0.143_angstrom']:.2f} Å at 0.143 (Nyquist {2 * args.apix:.2f} Å); "
           f"map correlation {result['correlation']:.4f}")

@@ -121,7 +121,7 @@ def main(args):
     if args.half_maps:
         write_json(args.out / "metrics.json", metrics)
     else:
-        metrics = trainer.write_outputs(metrics)
+        metrics = trainer.write_outputs(metrics, volume)
     line = f"done in {metrics['train_seconds']:.0f} s"
     if "fsc_half_0.143_angstrom" in metrics:
         line += f"; half-map FSC 0.143: {metrics['fsc_half_0.143_angstrom']:.2f} Å"
