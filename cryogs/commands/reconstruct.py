@@ -27,29 +27,13 @@ from dataclasses import asdict
 import sys
 from pathlib import Path
 
-from cryogs.commands._options import add_compute_args
+from cryogs.commands._options import add_compute_args, add_particle_args, load_particles_from_args
 from cryogs.errors import CryogsError
 
 
 def add_args(parser):
-    parser.add_argument("particles", type=Path,
-                        help="particles with poses: a RELION STAR file (3.0, 3.1 or 5), a cryoSPARC .cs file, or a "
-                             "cryoDRGN-style .mrcs stack / .txt list of stacks (with --poses)")
+    add_particle_args(parser)
     parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
-    parser.add_argument("--datadir", type=Path, default=None,
-                        help="folder to find the stacks in (default: paths relative to the particle file)")
-    parser.add_argument("--poses", type=Path, default=None,
-                        help="cryoDRGN pose.pkl, (rot, trans) or rotations only; needed for .mrcs/.txt input")
-    parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl for .mrcs/.txt input")
-    parser.add_argument("--pixel-size", type=float, default=None,
-                        help="pixel size in Å for .mrcs/.txt input when no ctf.pkl gives it")
-    parser.add_argument("--optics-groups", type=int, nargs="+", default=None, metavar="N",
-                        help="RELION optics groups to use (default: all; they must share one pixel size)")
-    parser.add_argument("--ind", type=Path, default=None,
-                        help="index file (.pkl, .npy or .txt of 0-based particle indices) selecting a subset")
-    parser.add_argument("--invert", action="store_true", help="flip the contrast of the images (multiply by −1)")
-    parser.add_argument("--downsample", type=int, default=None, metavar="D",
-                        help="Fourier-crop the images to D pixels (the pixel size grows by box/D)")
     parser.add_argument("--gaussians", "-n", type=int, default=None,
                         help="number of Gaussians (default: from the particle volume)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the particles (default: from count)")
@@ -80,16 +64,9 @@ def main(args):
     from cryogs.atomic import write_json
     from cryogs.evaluate import compare_maps_files
     from cryogs.gold_standard import run_half_maps
-    from cryogs.particles import load_particles
     from cryogs.train import TrainConfig, default_config, run_training
 
-    extra = {} if args.optics_groups is None else {"optics_groups": args.optics_groups}
-    particles = load_particles(args.particles, datadir=args.datadir, poses=args.poses, ctf=args.ctf,
-                               pixel_size=args.pixel_size, ind=args.ind, invert=args.invert,
-                               downsample=args.downsample, **extra)
-    particles.check_stacks()
-    if particles.ctf is None:
-        print("note: the particles carry no defocus values, so they are reconstructed without a CTF")
+    particles = load_particles_from_args(args)
     config_file = args.out / "config.json"
     if args.resume:
         if not config_file.exists():
