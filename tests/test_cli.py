@@ -1,4 +1,5 @@
 """The cryogs command: help, info, and one-line errors (no traceback) on bad input."""
+import os
 import subprocess
 import sys
 
@@ -20,9 +21,15 @@ def cryogs(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    """A small simulated set from its own freshly seeded generator (seed printed), not torch's global RNG,
+    whose state would depend on which tests ran before."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
     out = tmp_path_factory.mktemp("data")
-    model = GaussianModel(torch.randn(5, 3) * 4, torch.randn(5, 4), torch.full((5, 3), 2.5), torch.ones(5))
-    stack = simulate_stack(model, 12, box_size=16, pixel_size=2.0)
+    model = GaussianModel(torch.randn(5, 3, generator=gen) * 4, torch.randn(5, 4, generator=gen),
+                          torch.full((5, 3), 2.5), torch.ones(5))
+    stack = simulate_stack(model, 12, box_size=16, pixel_size=2.0, seed=seed)
     return write_dataset(out, model, stack, box_size=16, pixel_size=2.0)
 
 
