@@ -153,6 +153,9 @@ def test_loader_resumes_mid_epoch(particles, rng):
     loader = make_loader(particles, sampler, workers=2)
     sampler.set_epoch(3)
     full = [b.indices.numpy() for b in loader]
+    for i, _ in enumerate(loader):  # stop early, with batches still prefetched: they must not leak into the next pass
+        if i == 2:
+            break
     sampler.set_epoch(3, start_batch=4)
     resumed = [b.indices.numpy() for b in loader]
     assert len(resumed) == len(full) - 4
