@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
 
+from .distributed import Group, split_halves
 from .figures import plot_slices
 from .fsc import fsc, plot_fsc, resolution_at
-from .mrc import write_mrc
+from .model import GaussianModel
+from .mrc import read_mrc, write_mrc
 from .particles import ParticleSet
 from .train import TrainConfig, run_training
 
@@ -24,28 +27,39 @@ def half_split(particles: ParticleSet, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def run_half_maps(particles: ParticleSet, config: TrainConfig, out_dir, *, resume=False, progress=True,
-                  command=None, mask_radius: float | None = None):
+                  command=None, mask_radius: float | None = None, initial: GaussianModel | None = None,
+                  group: Group | None = None):
     """Train one model per half into ``out_dir/half1`` and ``out_dir/half2``; write ``half1.mrc``,
     ``half2.mrc``, ``map.mrc`` (their average) and the half-map FSC (soft spherical mask) to ``out_dir``.
 
-    Returns ``(average map, metrics)``; the metrics carry ``fsc_half_0.143_angstrom``. Each half's
-    own outputs (Gaussians, figures, metrics, checkpoint) are in its subfolder.
+    With two or more processes the halves train at the same time, each on half of the processes;
+    with one they train in turn. Returns ``(average map, metrics)`` on the main rank (the metrics
+    carry ``fsc_half_0.143_angstrom``), ``(None, {})`` elsewhere. Each half's own outputs (Gaussians,
+    figures, metrics, checkpoint) are in its subfolder.
     """
+    group = group or Group()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     idx1, idx2, how = half_split(particles, config.seed)
     p = particles.pixel_size
-    maps, halves = [], []
+    mine, half_group = split_halves(group)
+    results = {}
     for k, idx in enumerate((idx1, idx2), start=1):
+        if mine not in (0, k):
+            continue
         cfg = copy.copy(config)
-        cfg.seed = config.seed + k  # independent initialisations and orders
+        cfg.seed = config.seed + k  # independent orders (and initialisations, when random)
         trainer = run_training(particles.subset(idx), cfg, out / f"half{k}", resume=resume, progress=progress,
-                               command=command)
-        vol = trainer.volume()
-        trainer.write_outputs(volume=vol)
-        write_mrc(out / f"half{k}.mrc", vol, p)
-        maps.append(vol)
-        halves.append(trainer)
+                               command=command, initial=initial, group=half_group)
+        if half_group.is_main:
+            vol = trainer.volume()
+            trainer.write_outputs(volume=vol)
+            write_mrc(out / f"half{k}.mrc", vol, p)
+            results[k] = (vol, trainer.seconds, len(trainer.model))
+    group.barrier()  # both halves written before the main rank reads them
+    if not group.is_main:
+        return None, {}
+    maps = [results[k][0] if k in results else read_mrc(out / f"half{k}.mrc")[0] for k in (1, 2)]
+    halves = [results.get(k) or _half_summary(out / f"half{k}") for k in (1, 2)]
     average = 0.5 * (maps[0] + maps[1])
     write_mrc(out / "map.mrc", average, p)
     plot_slices(out / "slices.png", average, p)
@@ -59,5 +73,12 @@ def run_half_maps(particles: ParticleSet, config: TrainConfig, out_dir, *, resum
                "fsc_half_0.143_angstrom": float(r143), "fsc_half_0.5_angstrom": float(r5),
                "fsc_half_nyquist_limited": r143.nyquist_limited, "fsc_mask_radius_angstrom": radius,
                "fsc_half_curve": {"frequency_per_angstrom": freqs.tolist(), "fsc": curve.tolist()},
-               "train_seconds": sum(t.seconds for t in halves), "n_gaussians": [len(t.model) for t in halves]}
+               "train_seconds": sum(h[1] for h in halves), "n_gaussians": [h[2] for h in halves],
+               "processes": group.size}
     return average, metrics
+
+
+def _half_summary(folder: Path):
+    """``(None, seconds, N)`` of a half trained by other processes, from its metrics.json."""
+    m = json.loads((folder / "metrics.json").read_text())
+    return None, m["train_seconds"], m["n_gaussians"]

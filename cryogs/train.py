@@ -11,18 +11,18 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
+from .ctf import apply_ctf, compute_ctf, wiener_filter
+from .densify import DensifyConfig, DensityControl
+from .distributed import Group
 from .errors import CryogsError
 from .figures import plot_gaussians, plot_loss, plot_montage, plot_slices
 from .model import GaussianModel
 from .mrc import write_mrc
-from .ctf import apply_ctf, compute_ctf, wiener_filter
-from .particles import ParticleSet
+from .noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, whitening_filter
+from .particles import ParticleSet, write_star
+from .pose_refine import PoseRefiner, perturb
 from .projection import project, resolve_backend, voxelize
-
-#: Particle stacks smaller than this are read into memory once; larger ones stream from disk.
-PRELOAD_BYTES = 2 << 30
-PRELOAD_CHUNK = 4096
-
+from .data import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
 
 @dataclass
 class TrainConfig:
@@ -33,7 +33,7 @@ class TrainConfig:
     init_radius: float  # Å: random initial centres lie inside this sphere
     init_scale: float  # Å: initial isotropic standard deviation
     total_mass: float  # initial summed amplitude, estimated from the images
-    batch_size: int = 32
+    batch_size: int = 32  # images per step (the global batch, over all processes)
     lr_means: float = 0.0  # Å per step at the start; 0 means "0.5 pixel"
     lr_scales: float = 0.02  # log-scale per step
     lr_quats: float = 0.02
@@ -44,6 +44,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
+    init: str = "random"  # how the initial model was made: random, map PATH or pdb PATH (for the record)
+    densify: bool = True  # adaptive density control (cryogs.densify)
+    max_gaussians: int = 0  # cap on N under density control; 0 means "2 × n_gaussians"
+    noise: str = "white"  # white: plain squared error; coloured: whitened by the solvent noise spectrum
+    contrast: bool = False  # solve a per-image contrast scale in closed form every step
+    reg_repulsion: float = 0.0  # weight of the minimum-distance prior between centres
+    reg_min_distance: float = 0.0  # Å; 0 means "1 pixel"
+    reg_scale: float = 0.0  # weight of the soft scale-bound prior (bounds: min_scale, max_scale)
+    reg_tv: float = 0.0  # weight of total variation of the voxelized map
+    reg_smooth: float = 0.0  # weight of the squared-gradient smoothness of the voxelized map
+    refine_poses: bool = False  # refine every particle's rotation and shift with the Gaussians
+    refine_start: float = 0.5  # fraction of the epochs before pose refinement starts
+    lr_rotation: float = 0.5  # degrees per step for pose refinement at the start
+    lr_shift: float = 0.0  # Å per step for pose refinement at the start; 0 means "0.2 pixel"
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -95,46 +110,6 @@ def default_config(particles: ParticleSet, **overrides) -> TrainConfig:
     return cfg
 
 
-class ParticleBatches:
-    """Mini-batches of (images, rotations, shifts, ctf) on the training device, in a seeded order per epoch.
-
-    ``ctf`` is the ``[k, D, D//2+1]`` CTF of each image (squared for CTF-premultiplied data), or
-    ``None`` when the particles carry no CTF.
-    """
-
-    def __init__(self, particles: ParticleSet, batch_size: int, device: torch.device, seed: int):
-        self.particles, self.batch_size, self.device, self.seed = particles, batch_size, device, seed
-        n, D = len(particles), particles.box_size
-        self.rotations = torch.as_tensor(particles.rotations, dtype=torch.float32, device=device)
-        self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=device)
-        self.cache = None
-        if n * D * D * 4 <= PRELOAD_BYTES:
-            # filled in chunks: reading (and Fourier-cropping) all at once would first allocate the
-            # stack at its full, un-downsampled size
-            self.cache = torch.empty(n, D, D, device=device)
-            for i in range(0, n, PRELOAD_CHUNK):
-                idx = np.arange(i, min(n, i + PRELOAD_CHUNK))
-                self.cache[i:i + len(idx)] = torch.from_numpy(particles.images(idx)).to(device)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.particles) / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.particles))
-
-    def ctf(self, idx: np.ndarray):
-        return particle_ctf(self.particles, idx, device=self.device)
-
-    def batch(self, idx: np.ndarray):
-        if self.cache is not None:
-            images = self.cache[torch.as_tensor(idx, device=self.device)]
-        else:
-            idx = np.sort(idx)
-            images = torch.from_numpy(self.particles.images(idx)).to(self.device)
-        t = torch.as_tensor(idx, device=self.device)
-        return images, self.rotations[t], self.shifts[t], self.ctf(idx)
-
-
 def particle_ctf(particles: ParticleSet, idx, *, device=None):
     """``[k, D, D//2+1]`` CTFs of particles ``idx``, or None without CTF values.
 
@@ -150,18 +125,25 @@ def particle_ctf(particles: ParticleSet, idx, *, device=None):
     return ctf.abs() if particles.ctf_phase_flipped else ctf
 
 
+
 def _atomic_torch_save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 class Trainer:
-    """Adam on the Gaussian parameters, one learning rate per group, exponential decay."""
+    """Adam on the Gaussian parameters, one learning rate per group, exponential decay; optional density
+    control, noise model, priors and pose refinement (see :class:`TrainConfig`).
+
+    ``group`` is the set of processes training this model together (:mod:`cryogs.distributed`); each
+    sees its share of every global batch, and only its main rank writes files.
+    """
 
     def __init__(self, particles: ParticleSet, config: TrainConfig, out_dir, *, progress: bool = True,
-                 initial: GaussianModel | None = None):
+                 initial: GaussianModel | None = None, group: Group | None = None):
         self.particles, self.cfg, self.out = particles, config, Path(out_dir)
-        self.progress = progress
+        self.group = group or Group()
+        self.progress = progress and self.group.is_main
         self.device = torch.device(config.device)
         self.backend = resolve_backend(config.backend, self.device)
         p, D = particles.pixel_size, particles.box_size
@@ -172,20 +154,50 @@ class Trainer:
                                            config.total_mass, seed=config.seed)
         config.n_gaussians = len(initial)
         self.model = GaussianModel.from_arrays(initial.arrays()).to(self.device)
-        lr_means = config.lr_means or 0.5 * p
         self.optimizer = torch.optim.Adam([
-            {"params": [self.model.means], "lr": lr_means},
+            {"params": [self.model.means], "lr": config.lr_means or 0.5 * p},
             {"params": [self.model.log_scales], "lr": config.lr_scales},
             {"params": [self.model.quats], "lr": config.lr_quats},
             {"params": [self.model.log_amplitudes], "lr": config.lr_amplitudes},
         ])
-        self.batches = ParticleBatches(particles, config.batch_size, self.device, config.seed)
-        total_steps = max(1, config.epochs * len(self.batches))
-        decay = config.final_lr_fraction ** (1 / total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: decay ** step)
-        self.epoch = 0
+        n = len(particles)
+        if config.batch_size < self.group.size:
+            raise CryogsError(f"--batch-size {config.batch_size} is smaller than the {self.group.size} processes: "
+                              "every process needs at least one image per step")
+        self.sampler = EpochSampler(n, config.batch_size, seed=config.seed, rank=self.group.rank,
+                                    world_size=self.group.size)
+        self.steps_per_epoch = math.ceil(n / config.batch_size)
+        self.total_steps = max(1, config.epochs * self.steps_per_epoch)
+        decay = config.final_lr_fraction ** (1 / self.total_steps)
+        self.lr_factor = lambda step: decay ** step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.rotations = torch.as_tensor(particles.rotations, dtype=torch.float32, device=self.device)
+        self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=self.device)
+        self.cache = preload_images(particles, self.device, PRELOAD_BYTES)
+        self.loader = None if self.cache is not None else make_loader(particles, self.sampler, device=self.device)
+        self.density = DensityControl(self._densify_config()) if config.densify else None
+        self.poses = None
+        if config.refine_poses:
+            self.poses = PoseRefiner(n, lr_rotation=math.radians(config.lr_rotation),
+                                     lr_shift=config.lr_shift or 0.2 * p, device=self.device)
+        self.filter = None
+        if config.noise == "coloured":
+            self.filter = whitening_filter(estimate_noise_spectrum(
+                particles, mask_radius_px=config.init_radius / 0.8 / p, seed=config.seed)).to(self.device)
+        elif config.noise != "white":
+            raise CryogsError(f"unknown noise model {config.noise!r} (white or coloured)")
+        self.epoch = 0  # completed epochs
+        self.batch = 0  # completed global batches of the current epoch
+        self.step_count = 0
         self.losses: list[float] = []
         self.seconds = 0.0
+        self.densify_log: list[dict] = []
+        self.visited = np.zeros(n, dtype=bool)  # particles of the current epoch already trained on
+
+    def _densify_config(self) -> DensifyConfig:
+        return DensifyConfig.for_run(self.total_steps, self.particles.pixel_size, self.particles.box_size,
+                                     min_scale=self.min_scale, max_scale=self.max_scale,
+                                     max_gaussians=self.cfg.max_gaussians or 2 * self.cfg.n_gaussians)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -193,20 +205,39 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def save_checkpoint(self) -> None:
-        _atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
-                            "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg)},
-                           self.checkpoint_path)
+        """Everything needed to continue exactly here: model, optimizer, schedule, density control and pose
+        state, the position in the epoch (whose order follows from the seed), and the RNG states."""
+        if not self.group.is_main:
+            return
+        _atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "batch": self.batch,
+            "step": self.step_count, "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg),
+            "density": None if self.density is None else self.density.state_dict(),
+            "poses": None if self.poses is None else self.poses.state_dict(), "densify_log": self.densify_log,
+            "visited": self.visited,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+            self.checkpoint_path)
 
     def resume(self) -> None:
         ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        if ck["model"]["means"].shape[0] != len(self.model):
-            raise CryogsError(f"{self.checkpoint_path}: checkpoint has {ck['model']['means'].shape[0]} Gaussians, "
-                              f"the configuration {len(self.model)}; resume with the same settings")
-        self.model.load_state_dict(ck["model"])
+        with torch.no_grad():  # N may have changed under density control: take the checkpoint's
+            for name, param in self.model.named_parameters():
+                param.data = ck["model"][name].to(self.device)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        self.epoch, self.losses, self.seconds = ck["epoch"], ck["losses"], ck["seconds"]
+        if self.density is not None and ck["density"] is not None:
+            self.density.load_state_dict(ck["density"])
+        if self.poses is not None and ck["poses"] is not None:
+            self.poses.load_state_dict(ck["poses"])
+        self.epoch, self.batch, self.step_count = ck["epoch"], ck["batch"], ck["step"]
+        self.losses, self.seconds, self.densify_log = ck["losses"], ck["seconds"], ck["densify_log"]
+        self.visited = ck["visited"]
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        np.random.set_state(ck["rng"]["numpy"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
 
     # ------------------------------------------------------------------ training
     def render(self, rotations, shifts, ctf=None):
@@ -215,41 +246,122 @@ class Trainer:
                          pixel_size=self.particles.pixel_size, backend=self.backend)
         return images if ctf is None else apply_ctf(images, ctf)
 
-    def step(self, images, rotations, shifts, ctf) -> float:
-        pred = self.render(rotations, shifts, ctf)
-        loss = ((pred - images) ** 2).sum((1, 2)).mean()
+    def _priors(self) -> torch.Tensor | float:
+        c, total = self.cfg, 0.0
+        if not (c.reg_repulsion or c.reg_scale or c.reg_tv or c.reg_smooth):
+            return total
+        from .priors import map_prior, repulsion, scale_bounds
+
+        means, quats, scales, amps = self.model()
+        if c.reg_repulsion:
+            total = total + c.reg_repulsion * repulsion(means, c.reg_min_distance or self.particles.pixel_size)
+        if c.reg_scale:
+            total = total + c.reg_scale * scale_bounds(self.model.log_scales, self.min_scale, self.max_scale)
+        for weight, kind in ((c.reg_tv, "tv"), (c.reg_smooth, "smooth")):
+            if weight:
+                total = total + weight * map_prior((means, quats, scales, amps), box_size=self.particles.box_size,
+                                                   pixel_size=self.particles.pixel_size, kind=kind)
+        return total
+
+    def step(self, images: torch.Tensor, idx: np.ndarray) -> float:
+        """One optimizer step on this rank's share ``idx`` of the global batch; returns the global batch's
+        mean data loss (the negative log-likelihood per image)."""
+        t = torch.as_tensor(idx, device=self.device)
+        rotations, shifts = self.rotations[t], self.shifts[t]
+        refining = self.poses is not None and self.step_count >= self.cfg.refine_start * self.total_steps
+        if refining:
+            corrections = self.poses.leaf(t)
+            rotations, shifts = perturb(rotations, shifts, corrections)
+        pred = self.render(rotations, shifts, particle_ctf(self.particles, idx, device=self.device))
+        scales = contrast_scales(pred.detach(), images, self.filter) if self.cfg.contrast else None
+        global_batch = self.sampler.global_batch(self.batch)
+        if self.visited[global_batch].any():  # the data order and the resume position disagree
+            raise RuntimeError(f"epoch {self.epoch + 1}, batch {self.batch}: particles visited twice")
+        self.visited[global_batch] = True
+        # this rank's images' sum over the global batch size: summed over ranks it is the global mean
+        data = gaussian_nll(pred, images, self.filter, scales) * (len(idx) / len(global_batch))
+        loss = data + self._priors() / self.group.size
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        params = list(self.model.parameters())
+        reduced = [p.grad for p in params] + [data.detach().reshape(1)]
+        if refining:
+            pose_grad = torch.zeros(len(global_batch), 5, device=self.device)
+            start = sum(len(s) for s in np.array_split(global_batch, self.group.size)[:self.group.rank])
+            pose_grad[start:start + len(idx)] = corrections.grad
+            reduced.append(pose_grad)
+        self.group.all_reduce_sum_(reduced)
+        if refining:
+            self.poses.step(torch.as_tensor(global_batch, device=self.device), pose_grad,
+                            self.lr_factor(self.step_count))
+        if self.density is not None:
+            self.density.accumulate(self.model)
         self.optimizer.step()
         self.scheduler.step()
+        self.step_count += 1
         with torch.no_grad():
             self.model.log_scales.clamp_(math.log(self.min_scale), math.log(self.max_scale))
             self.model.quats /= self.model.quats.norm(dim=-1, keepdim=True)
-        return float(loss.detach())
+        if self.density is not None:
+            change = self.density.update(self.step_count, self.model, self.optimizer)
+            if change:
+                self.densify_log.append({"step": self.step_count, **change})
+        return float(reduced[len(params)])
+
+    def _batches(self):
+        """This epoch's remaining ``(images, local indices)`` on the device, from memory or the loader."""
+        if self.cache is not None:
+            for idx in self.sampler:
+                yield self.cache[torch.as_tensor(idx, device=self.device)], idx
+        else:
+            for images, idx in self.loader:
+                yield images.to(self.device, non_blocking=True), idx.numpy()
 
     def fit(self) -> None:
-        n_batches, bs = len(self.batches), self.cfg.batch_size
+        n = len(self.particles)
         while self.epoch < self.cfg.epochs:
-            order = self.batches.order(self.epoch)
-            t0 = time.perf_counter()
-            bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch",
-                       disable=not self.progress, leave=False)
-            for i in bar:
-                loss = self.step(*self.batches.batch(order[i * bs:(i + 1) * bs]))
+            self.sampler.set_epoch(self.epoch, start_batch=self.batch)
+            t0, done0 = time.perf_counter(), self.batch
+            last_save = t0
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, unit="batch", leave=False,
+                       desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress)
+            for images, idx in self._batches():
+                loss = self.step(images, idx)
                 if not math.isfinite(loss):
                     raise CryogsError(f"the loss became {loss} at epoch {self.epoch + 1}; "
                                       "try smaller learning rates")
                 self.losses.append(loss)
-                rate = min(len(order), (i + 1) * bs) / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{rate:.0f}")
-            self.seconds += time.perf_counter() - t0
-            self.epoch += 1
+                self.batch += 1
+                now = time.perf_counter()
+                rate = min(n, (self.batch - done0) * self.cfg.batch_size) / (now - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{rate:.0f}", N=len(self.model))
+                if self.batch < self.steps_per_epoch and self.step_count % self.cfg.checkpoint_every == 0:
+                    self.seconds += now - last_save
+                    last_save = now
+                    self.save_checkpoint()
+            bar.close()
+            if not self.visited.all():
+                raise RuntimeError(f"epoch {self.epoch + 1} ended with {int((~self.visited).sum())} particles unvisited")
+            self.visited[:] = False
+            now = time.perf_counter()
+            self.seconds += now - last_save
+            self.epoch, self.batch = self.epoch + 1, 0
             self.save_checkpoint()
+            if not self.group.in_sync(list(self.model.parameters())):
+                raise RuntimeError("the processes' models differ: their updates diverged")
             if self.progress:
                 tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: mean loss "
-                           f"{np.mean(self.losses[-n_batches:]):.5g}, {len(order) / (time.perf_counter() - t0):.0f} images/s")
+                           f"{np.mean(self.losses[-self.steps_per_epoch:]):.5g}, {len(self.model)} Gaussians, "
+                           f"{(self.steps_per_epoch - done0) * self.cfg.batch_size / (now - t0):.0f} images/s")
 
     # ------------------------------------------------------------------ outputs
+    def refined_poses(self):
+        """``(rotations [n,3,3], shifts [n,2])`` with the pose corrections applied (the input ones without)."""
+        if self.poses is None:
+            return self.rotations, self.shifts
+        return self.poses.refined(self.rotations, self.shifts)
+
     def volume(self) -> np.ndarray:
         with torch.no_grad():
             return voxelize(*[t.detach() for t in self.model()], box_size=self.particles.box_size,
@@ -257,7 +369,8 @@ class Trainer:
 
     def write_outputs(self, extra_metrics: dict | None = None, volume: np.ndarray | None = None) -> dict:
         """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png``, ``slices.png``,
-        ``gaussians.png`` and ``metrics.json``. ``volume`` is :meth:`volume`, if the caller has it."""
+        ``gaussians.png``, ``metrics.json`` and, with pose refinement, ``refined_poses.star``.
+        ``volume`` is :meth:`volume`, if the caller has it."""
         p, D = self.particles.pixel_size, self.particles.box_size
         volume = self.volume() if volume is None else volume
         write_mrc(self.out / "map.mrc", volume, p)
@@ -266,40 +379,54 @@ class Trainer:
         plot_gaussians(self.out / "gaussians.png", arrays["means"], arrays["amplitudes"], D * p)
         for ext in ("npz", "pt", "ply"):
             self.model.save(self.out / f"gaussians.{ext}")
-        plot_loss(self.out / "loss.png", len(self.batches), self.losses)
+        plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses)
         idx = np.linspace(0, len(self.particles) - 1, min(4, len(self.particles))).astype(int)
-        images, rotations, shifts, ctf = self.batches.batch(idx)
+        rotations, shifts = (x[torch.as_tensor(idx, device=self.device)] for x in self.refined_poses())
+        images = torch.from_numpy(self.particles.images(idx))
         with torch.no_grad():
-            rendered = self.render(rotations, shifts, ctf).cpu().numpy()
-        plot_montage(self.out / "montage.png", images.cpu().numpy(), rendered,
+            rendered = self.render(rotations, shifts, particle_ctf(self.particles, idx, device=self.device))
+        plot_montage(self.out / "montage.png", images.numpy(), rendered.cpu().numpy(),
                      titles=[f"particle {i}" for i in idx])
+        if self.poses is not None:
+            write_refined_star(self.out / "refined_poses.star", self.particles, *self.refined_poses())
         n_images = self.cfg.epochs * len(self.particles)
-        metrics = {"n_particles": len(self.particles), "box_size": self.particles.box_size, "pixel_size": p,
-                   "n_gaussians": len(self.model), "epochs": self.cfg.epochs, "backend": self.backend,
-                   "device": str(self.device), "final_loss": float(np.mean(self.losses[-len(self.batches):])),
-                   "train_seconds": self.seconds, "images_per_second": n_images / max(self.seconds, 1e-9)}
+        metrics = {"n_particles": len(self.particles), "box_size": D, "pixel_size": p,
+                   "n_gaussians": len(self.model), "n_gaussians_initial": self.cfg.n_gaussians,
+                   "epochs": self.cfg.epochs, "backend": self.backend, "device": str(self.device),
+                   "processes": self.group.size, "final_loss": float(np.mean(self.losses[-self.steps_per_epoch:])),
+                   "train_seconds": self.seconds, "images_per_second": n_images / max(self.seconds, 1e-9),
+                   "density_control": self.densify_log}
         metrics.update(extra_metrics or {})
         write_json(self.out / "metrics.json", metrics)
         return metrics
 
 
+def write_refined_star(path, particles: ParticleSet, rotations, shifts) -> None:
+    """The particles with refined poses as a RELION 3.1 STAR file (same image names and CTF)."""
+    write_star(path, None, rotations.cpu(), shifts.cpu(), particles.pixel_size, particles.box_size,
+               ctf=particles.ctf, image_names=[f"{i + 1:06d}@{s}" for s, i in particles.image_paths],
+               ctf_premultiplied=particles.ctf_premultiplied)
+
+
 def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
                  progress: bool = True, command: str | None = None,
-                 initial: GaussianModel | None = None) -> Trainer:
+                 initial: GaussianModel | None = None, group: Group | None = None) -> Trainer:
     """Train from ``initial`` (default: random in a sphere) and checkpoint into ``out_dir``.
 
     Returns the finished trainer; call :meth:`Trainer.write_outputs` for the map and figures.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(particles, config, out, progress=progress, initial=initial)
+    trainer = Trainer(particles, config, out, progress=progress, initial=initial, group=group)
+    if trainer.group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
-    elif resume:
+    elif resume and trainer.group.is_main:
         print(f"note: no checkpoint in {out} yet (stopped during its first epoch); starting it afresh")
-    write_json(out / "config.json", asdict(config))
-    if command is not None:  # every invocation, the first and each --resume, one line each
-        with open(out / "command.txt", "a") as fh:
-            fh.write(command + "\n")
+    if trainer.group.is_main:
+        write_json(out / "config.json", asdict(config))
+        if command is not None:  # every invocation, the first and each --resume, one line each
+            with open(out / "command.txt", "a") as fh:
+                fh.write(command + "\n")
     trainer.fit()
     return trainer

@@ -1,24 +1,37 @@
 """Fit 3D Gaussians to particle images with known poses (min Σ‖I − Γ(θ, pose)‖²) and write the map.
 
 Outputs in DIR: map.mrc (voxel size set, opens at scale in ChimeraX), gaussians.npz/.pt/.ply,
-loss.png, montage.png (data, model and residual for a few particles), metrics.json, config.json,
-command.txt and checkpoint.pt (written every epoch; continue a stopped run with --resume, which
-reuses the saved configuration). With --half-maps: half1.mrc, half2.mrc, map.mrc (their
-average), fsc.png and metrics.json in DIR, and each half's own outputs in DIR/half1, DIR/half2.
+slices.png (central slices), gaussians.png (centres coloured by amplitude), loss.png, montage.png
+(data, model and residual for a few particles), metrics.json, config.json, command.txt and
+checkpoint.pt (written every --checkpoint-every steps and every epoch; continue a stopped or killed
+run with --resume, which reuses the saved configuration and continues mid-epoch). With
+--half-maps: half1.mrc, half2.mrc, map.mrc (their average), fsc.png (half-map FSC) and
+metrics.json in DIR, and each half's own outputs in DIR/half1, DIR/half2; with --reference also
+the FSC against it (fsc.png, or fsc_reference.png with half maps). With --refine-poses:
+refined_poses.star.
 
 The CTF of every particle (RELION's formula and sign) is applied to the rendered images when the
 STAR file has defocus columns; particles without them are reconstructed without a CTF.
 
 Defaults follow from the data: the particle radius and mass are estimated from the mean image,
-the number of Gaussians from the particle volume, and the epochs from the particle count.
+the number of Gaussians from the particle volume, and the epochs from the particle count. Density
+control splits, clones and prunes Gaussians during the first 60 % of the steps (--no-densify to
+keep N fixed). Priors (--reg-*) are off unless asked for.
+
+Several GPUs: --gpus K relaunches under torchrun; or run 'torchrun --nproc_per_node=K -m cryogs
+reconstruct ...' yourself (on CPUs it uses gloo). Each process reads its share of every batch;
+gradients are all-reduced, so the result matches one process with the same --batch-size. With
+--half-maps on two or more processes, the halves train at the same time on the two process halves.
 
 Examples:
   cryogs reconstruct particles.star --out run1
   cryogs reconstruct particles.star --out run1 --datadir /data/Extract --gaussians 3000 --epochs 30
   cryogs reconstruct particles.star --out run1 --resume
   cryogs reconstruct particles.star --out run1 --half-maps --reference emd_1234.mrc
-  cryogs reconstruct J24_particles.cs --out run2 --datadir /data/cryosparc/P12 --downsample 128
-  cryogs reconstruct particles.mrcs --poses pose.pkl --ctf ctf.pkl --ind keep.pkl --out run3
+  cryogs backproject particles.star --out bp && cryogs reconstruct particles.star --out run2 --init map bp/map.mrc
+  cryogs reconstruct particles.star --out run3 --init pdb model.cif --refine-poses --noise coloured --contrast
+  cryogs reconstruct J24_particles.cs --out run4 --datadir /data/cryosparc/P12 --downsample 128 --gpus 4
+  cryogs reconstruct particles.mrcs --poses pose.pkl --ctf ctf.pkl --ind keep.pkl --out run5
   python -m cryogs reconstruct particles.star --out run1 --device cuda --reference gt_map.mrc
 """
 import json
@@ -44,6 +57,44 @@ def add_args(parser):
     parser.add_argument("--lr-amplitudes", type=float, default=None,
                         help="initial step for the log-amplitudes (default: 0.03)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation and order (default: 0)")
+    parser.add_argument("--init", nargs="+", default=["random"], metavar="KIND [FILE]",
+                        help="initial Gaussians: 'random' (inside the particle sphere), 'map MAP' (at the peaks of a "
+                             "map, e.g. from 'cryogs backproject'; --gaussians of them) or 'pdb MODEL' (one per "
+                             "residue of a PDB/mmCIF model, mass centre at the box centre) (default: random)")
+    parser.add_argument("--max-gaussians", type=int, default=None,
+                        help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
+    parser.add_argument("--no-densify", action="store_true",
+                        help="keep the number of Gaussians fixed (no splitting, cloning or pruning)")
+    parser.add_argument("--noise", choices=["white", "coloured"], default=None,
+                        help="noise model: 'white' (plain squared error) or 'coloured' (whitened by the noise "
+                             "spectrum measured outside the particle; right for real micrographs) (default: white)")
+    parser.add_argument("--contrast", action="store_true",
+                        help="fit a contrast scale per image (closed form, every step): for data whose particles "
+                             "vary in ice thickness or normalisation")
+    parser.add_argument("--reg-repulsion", type=float, default=None,
+                        help="weight of the prior keeping Gaussian centres at least --reg-min-distance apart (default: 0, off)")
+    parser.add_argument("--reg-min-distance", type=float, default=None,
+                        help="minimum distance in Å between Gaussian centres for --reg-repulsion (default: 1 pixel)")
+    parser.add_argument("--reg-scale", type=float, default=None,
+                        help="weight of the soft prior keeping Gaussian widths within [0.5, 3] pixels (default: 0, off)")
+    parser.add_argument("--reg-tv", type=float, default=None,
+                        help="weight of the total-variation prior on the voxelized map (default: 0, off)")
+    parser.add_argument("--reg-smooth", type=float, default=None,
+                        help="weight of the squared-gradient smoothness prior on the voxelized map (default: 0, off)")
+    parser.add_argument("--refine-poses", action="store_true",
+                        help="refine each particle's rotation and shift with the Gaussians (from --refine-start on); "
+                             "writes refined_poses.star")
+    parser.add_argument("--refine-start", type=float, default=None,
+                        help="fraction of the epochs fitted with fixed poses before --refine-poses starts (default: 0.5)")
+    parser.add_argument("--lr-rotation", type=float, default=None,
+                        help="initial pose-refinement step for rotations, degrees (default: 0.5)")
+    parser.add_argument("--lr-shift", type=float, default=None,
+                        help="initial pose-refinement step for shifts, Å (default: 0.2 px)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="steps between mid-epoch checkpoints; one is also written after every epoch (default: 200)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="train on this many GPUs of this node: relaunches the command under torchrun "
+                             "(same as 'torchrun --nproc_per_node=K -m cryogs reconstruct ...')")
     parser.add_argument("--half-maps", action="store_true",
                         help="gold standard: fit two independent half-set models (split by rlnRandomSubset when "
                              "present, else at random), write half1.mrc, half2.mrc and their average map.mrc, and "
@@ -60,38 +111,83 @@ def add_args(parser):
     add_compute_args(parser)
 
 
+def _initial_model(args, particles, n_gaussians):
+    """The starting Gaussians named by --init, or None for random ones."""
+    from cryogs.model import AtomSet, GaussianModel
+    from cryogs.mrc import read_mrc
+
+    kind, *rest = args.init
+    if kind == "random" and not rest:
+        return None
+    if kind not in ("map", "pdb") or len(rest) != 1:
+        raise CryogsError(f"--init {' '.join(args.init)}: use 'random', 'map MAP' or 'pdb MODEL'")
+    path = Path(rest[0])
+    if not path.exists():
+        raise CryogsError(f"--init {kind}: {path} does not exist")
+    if kind == "pdb":
+        return GaussianModel.from_atoms(AtomSet.read(path), per="residue", min_sigma=particles.pixel_size)
+    volume, pixel_size = read_mrc(path)
+    return GaussianModel.from_map(volume, pixel_size, n_gaussians)
+
+
 def main(args):
+    from cryogs import distributed
     from cryogs.atomic import write_json
     from cryogs.evaluate import compare_maps_files
     from cryogs.gold_standard import run_half_maps
     from cryogs.train import TrainConfig, default_config, run_training
 
+    if args.gpus and args.gpus > 1 and distributed.world()[1] == 1:
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # everything but --gpus K
+            if skip or a == "--gpus" or a.startswith("--gpus="):
+                skip = a == "--gpus"
+                continue
+            argv.append(a)
+        distributed.launch(args.gpus, argv)
+    group, device = distributed.init(args.device)
     particles = load_particles_from_args(args)
     config_file = args.out / "config.json"
+    initial = None
     if args.resume:
         if not config_file.exists():
             raise CryogsError(f"--resume: no earlier run in {args.out} (missing {config_file})")
         config = TrainConfig.from_dict(json.loads(config_file.read_text()))
-        config.device, config.backend = args.device, args.backend  # where it runs now may differ
-        print(f"resuming with the configuration in {config_file}; only --device and --backend are taken "
-              "from this command line")
+        config.device, config.backend = str(device), args.backend  # where it runs now may differ
+        if group.is_main:
+            print(f"resuming with the configuration in {config_file}; only --device and --backend are taken "
+                  "from this command line")
     else:
         config = default_config(
             particles, n_gaussians=args.gaussians, epochs=args.epochs, batch_size=args.batch_size,
             lr_means=args.lr_means, lr_scales=args.lr_scales, lr_quats=args.lr_quats,
-            lr_amplitudes=args.lr_amplitudes, seed=args.seed, device=args.device, backend=args.backend)
-    print(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
-          f"{config.n_gaussians} Gaussians, {config.epochs} epochs on {config.device}")
+            lr_amplitudes=args.lr_amplitudes, seed=args.seed, device=str(device), backend=args.backend,
+            max_gaussians=args.max_gaussians, noise=args.noise, reg_repulsion=args.reg_repulsion,
+            reg_min_distance=args.reg_min_distance, reg_scale=args.reg_scale, reg_tv=args.reg_tv,
+            reg_smooth=args.reg_smooth, refine_start=args.refine_start, lr_rotation=args.lr_rotation,
+            lr_shift=args.lr_shift, checkpoint_every=args.checkpoint_every, init=" ".join(args.init))
+        config.densify, config.contrast, config.refine_poses = not args.no_densify, args.contrast, args.refine_poses
+        initial = _initial_model(args, particles, config.n_gaussians)
+        if initial is not None:
+            config.n_gaussians = len(initial)
+    if group.is_main:
+        print(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
+              f"{config.n_gaussians} Gaussians, {config.epochs} epochs on {config.device}"
+              + (f", {group.size} processes" if group.size > 1 else ""))
     command = shlex.join(["cryogs", *sys.argv[1:]])
     progress = not args.no_progress
     if args.half_maps:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(config_file, asdict(config))
+        if group.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_json(config_file, asdict(config))
         volume, metrics = run_half_maps(particles, config, args.out, resume=args.resume, progress=progress,
-                                        command=command, mask_radius=args.mask_radius)
+                                        command=command, mask_radius=args.mask_radius, initial=initial, group=group)
     else:
-        trainer = run_training(particles, config, args.out, resume=args.resume, progress=progress, command=command)
+        trainer = run_training(particles, config, args.out, resume=args.resume, progress=progress, command=command,
+                               initial=initial, group=group)
         volume, metrics = trainer.volume(), {}
+    if not group.is_main:
+        return
     if args.reference is not None:
         metrics.update(compare_maps_files(volume, particles.pixel_size, args.reference,
                                           args.out / ("fsc_reference.png" if args.half_maps else "fsc.png")))
