@@ -76,13 +76,14 @@ def test_white_noise_spectrum(rng):
 def test_coloured_noise_spectrum_and_whitening(rng):
     D, radius, edge, sigma = _random_setup(rng)
     u = torch.rand(2, generator=rng, dtype=torch.float64).tolist()
-    h = _radial_filter(D, width=D * (0.15 + 0.15 * u[0]), floor=0.2 + 0.3 * u[1])
+    h = _radial_filter(D, width=D * (0.15 + 0.15 * u[0]), floor=0.3 + 0.2 * u[1])
     truth = sigma ** 2 * D * D * h ** 2
     kw = dict(mask_radius_px=radius, edge_px=edge)
     # exact expectation of the estimator (see the white-noise test): the basis through the filter
     basis = torch.eye(D * D, dtype=torch.float64).reshape(D * D, D, D) * sigma * D
     expected = estimate_noise_spectrum(_filtered(basis, h), n_sample=D * D, **kw)
-    # the window smooths the spectrum over a few shells: a small bias, largest at the lowest shells
+    # the window smooths the spectrum over a few shells, and a shell holds one value: a bias, at most
+    # 20 % over this range of filters (checked at its corners), largest where the spectrum is steep
     bias = expected - truth
     assert (bias.abs() <= 0.25 * truth).all()
 
