@@ -50,7 +50,8 @@ def test_values_at_chosen_frequencies(rng):
 def test_matches_cryodrgn_sign_convention_on_real_ctf_params():
     """ctf2.pkl rows are cryoDRGN's [D, Apix, dfU, dfV, dfAng, kV, Cs, w, phase]; cryoDRGN = −RELION."""
     with open(DATA / "ctf2.pkl", "rb") as fh:
-        params = np.asarray(pickle.load(fh))[:3]
+        # float64: the pickle holds float32, and float32 arithmetic would round the 1e-10 comparison away
+        params = np.asarray(pickle.load(fh), dtype=np.float64)[:3]
     D, apix = int(params[0, 0]), float(params[0, 1])
     ctf = compute_ctf(D, apix, *params[:, 2:9].T, dtype=torch.float64)
     for i, row in enumerate(params):
