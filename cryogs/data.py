@@ -36,7 +36,7 @@ __all__ = ["EpochSampler", "ImageBatch", "ParticleImages", "make_loader", "defau
 PRELOAD_BYTES = 2 << 30
 #: Images read per chunk while preloading: bounds the un-downsampled temporary to one chunk.
 PRELOAD_CHUNK = 4096
-#: More reader processes than this rarely help: one stream of a few hundred MB/s saturates a disk.
+#: Reader processes beyond this rarely add throughput, and each costs a process and its prefetched batches.
 MAX_WORKERS = 8
 
 
