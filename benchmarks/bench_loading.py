@@ -1,12 +1,12 @@
 """Does streaming particles from disk keep up with training? Images/s of each, per box size.
 
 * Loading: a stack of ``--stack-mib`` MiB is written per box size, then read for one epoch of
-  batches through :func:`cryogs.data.make_loader`, for each ``--workers`` count:
+  batches through :func:`cryogs.streaming.make_loader`, for each ``--workers`` count:
   cold-ish (a fresh loader after the stack is flushed and dropped from the page cache with
   ``posix_fadvise(DONTNEED)``; a virtual machine's host may still cache it, hence "-ish"), then
   warm (the same loader's second epoch, file in the page cache). On CUDA the batches are pinned
   and copied to the device (``non_blocking``), so the rate is images delivered to the GPU.
-  For reference, the preloaded path (:func:`cryogs.data.preload_images`, then indexing).
+  For reference, the preloaded path (:func:`cryogs.streaming.preload_images`, then indexing).
 * Step: one training step (Γ by ``cryogs.project`` + CTF, squared-error loss, backward, Adam) on a
   model of the trainer's default size for a particle of radius 0.3·D pixels; backend torch
   (CPU), or cuda and torch (GPU). Timed alone, then fed by the loader (warm cache): the rate
@@ -37,7 +37,7 @@ import torch
 from cryogs import project
 from cryogs.conventions import random_rotations
 from cryogs.ctf import apply_ctf
-from cryogs.data import EpochSampler, make_loader, preload_images
+from cryogs.streaming import EpochSampler, make_loader, preload_images
 from cryogs.model import GaussianModel
 from cryogs.particles import load_particles, write_star
 from cryogs.projection import resolve_backend

@@ -22,7 +22,7 @@ from .noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, white
 from .particles import ParticleSet, write_star
 from .pose_refine import PoseRefiner, perturb
 from .projection import project, resolve_backend, voxelize
-from .data import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
+from .streaming import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
 
 @dataclass
 class TrainConfig:
@@ -312,7 +312,8 @@ class Trainer:
         """This epoch's remaining ``(images, local indices)`` on the device, from memory or the loader."""
         if self.cache is not None:
             for idx in self.sampler:
-                yield self.cache[torch.as_tensor(idx, device=self.device)], idx
+                # index_select, not fancy indexing: the latter stalls on oversubscribed CPU cores
+                yield self.cache.index_select(0, torch.as_tensor(idx, device=self.device)), idx
         else:
             for images, idx in self.loader:
                 yield images.to(self.device, non_blocking=True), idx.numpy()

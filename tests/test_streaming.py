@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.data import EpochSampler, ImageBatch, ParticleImages, default_workers, make_loader, preload_images
+from cryogs.streaming import EpochSampler, ImageBatch, ParticleImages, default_workers, make_loader, preload_images
 from cryogs.mrc import write_mrc
 from cryogs.particles import load_particles, write_star
 
