@@ -10,6 +10,7 @@ from .errors import CryogsError
 COMMANDS = {
     "simulate": "simulate particle images with known poses from a Gaussian or atomic model",
     "reconstruct": "fit Gaussians to particles with known poses and write the map",
+    "backproject": "voxel baseline: direct Fourier inversion of particles with known poses (CTF Wiener, half maps)",
     "fsc": "Fourier shell correlation between two maps",
     "demo": "simulate, reconstruct and evaluate the embedded adenylate kinase example",
     "info": "versions, torch build, CUDA extension and GPU",

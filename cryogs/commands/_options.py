@@ -8,9 +8,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_compute_args(parser) -> None:
+def add_compute_args(parser, *, backend: bool = True) -> None:
+    """``--device`` and, for commands that project Gaussians, ``--backend``."""
     parser.add_argument("--device", default=default_device(),
                         help="torch device to compute on (default: cuda if a GPU is visible, else cpu)")
+    if not backend:
+        return
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "torch", "dense"],
                         help="projection backend: auto picks the CUDA kernels on a GPU when built, else the "
                              "torch splat; dense is the exact (slow) reference (default: auto)")
