@@ -19,10 +19,12 @@ opacity and no transmittance. The rules below follow from that, not from 3DGS's 
   the cap is the budget. Second, a Gaussian held at ``max_scale`` that the data pushes wider needs
   more Gaussians whatever its pull (:meth:`DensityControl.densify_mask`).
 * **What to remove.** With no transmittance a Gaussian never hides another, so there is nothing
-  like 3DGS's opacity reset: a Gaussian is useless only if it carries no mass (the data term drives
-  the mass of solvent Gaussians towards zero, since the solvent's residual has zero mean), if no
-  image can constrain it, or if the data drives it below the sampling limit. See
-  :meth:`DensityControl.prune_mask`.
+  like 3DGS's opacity reset: a Gaussian is useless only if it carries (almost) no mass, if it sits
+  outside the particle, where the data has none, or if the data drives it below the sampling limit.
+  See :meth:`DensityControl.prune_mask`. In the solvent the data term does drain a Gaussian's mass,
+  but under Adam only like ``t^(-1/2)`` (its gradient falls with its mass squared while Adam's
+  second moment remembers the start), so leaving the particle sphere (``radius``) is what marks
+  most solvent Gaussians; the amplitude rule catches those that have lost nearly everything.
 
 Decisions are a deterministic function of the parameters and the accumulated statistics (stable
 sorts, ties broken by index, no random numbers), so ranks that all-reduce their gradients take the
@@ -87,9 +89,10 @@ class DensifyConfig:
         every ``min(100, total_steps // 20)`` steps (at least 10) from the second interval to half
         the run, so the second half, with decaying learning rates, settles what was added. Splitting
         starts above twice the minimum scale (children along the split axis keep ``√¾ × 2 = 1.7``
-        times the minimum). The radius is the sphere inscribed in the box: a centre beyond it
-        projects outside the image in some poses, where the data cannot constrain it.
-        ``overrides`` set any field directly.
+        times the minimum). The radius defaults to the sphere inscribed in the box: a centre beyond
+        it projects outside the image in some poses, where the data cannot constrain it; pass the
+        particle's radius (``radius=``, e.g. from :func:`cryogs.train.estimate_extent`) to prune
+        solvent Gaussians as soon as they leave the particle. ``overrides`` set any field directly.
         """
         min_scale = min_scale or 0.5 * pixel_size
         max_scale = max_scale or 3.0 * pixel_size
@@ -130,9 +133,9 @@ def split_offsets(quats: torch.Tensor, log_scales: torch.Tensor):
     """Moment-matched split of K Gaussians along their principal axes.
 
     Returns ``offset [K, 3]`` (Å; the children sit at ``μ ± offset``) and the children's
-    ``log_scales [K, 3]``; the principal axis is that of the largest scale (the first on ties). With ``d = u σ₁`` and children's
-    variance ``σ₁² − d²`` along ``v``, the pair ``½N(μ ± d v, Σ − d² v vᵀ)`` has the parent's mean
-    and covariance ``Σ − d² v vᵀ + d² v vᵀ = Σ``.
+    ``log_scales [K, 3]``; the principal axis ``v`` is that of the largest scale (the first on ties).
+    With ``d = u σ₁`` and the children's variance ``σ₁² − d²`` along ``v``, the pair
+    ``½N(μ ± d v, Σ − d² v vᵀ)`` has the parent's mean and covariance ``Σ − d² v vᵀ + d² v vᵀ = Σ``.
     """
     axis = log_scales.argmax(-1)
     v = quat_to_matrix(quats).gather(-1, axis[:, None, None].expand(-1, 3, 1))[..., 0]
@@ -218,10 +221,10 @@ class DensityControl:
         """``[N]`` boolean masks, one per prune criterion:
 
         * ``amplitude``: mass below ``min_amplitude_fraction`` × the median mass. Images are linear in
-          mass, so such a Gaussian contributes that small a fraction of a typical Gaussian's signal;
-          in the solvent the data term drives masses towards zero, and this is where they end.
+          mass, so such a Gaussian contributes that small a fraction of a typical Gaussian's signal.
           Its mass goes to nobody: the data term restores any that was real.
-        * ``outside``: centre farther than ``radius`` from the box centre.
+        * ``outside``: centre farther than ``radius`` from the box centre: outside the particle the
+          data has no mass, and beyond the box's inscribed sphere some images do not see it.
         * ``speck``: every scale at ``min_scale`` and the accumulated log-scale gradient positive on
           every axis, i.e. the bound is active and the data pushes the Gaussian narrower still. The
           images are sampled at pixel centres, and below half a pixel a sampled Gaussian no longer
@@ -266,10 +269,11 @@ class DensityControl:
         """At decision steps, prune, then clone or split, in place; returns
         ``{"cloned", "split", "pruned", "n"}`` (``n``: Gaussians after) or None at other steps.
 
-        Pruning comes first (never all Gaussians: if every one qualifies, the heaviest stays). Among
-        the kept Gaussians, those whose statistic exceeds ``grad_factor`` × its median are densified,
-        each adding one Gaussian; when more qualify than ``max_gaussians`` leaves room for, those
-        with the largest statistic win (ties: lower index). Statistics restart after a decision.
+        Pruning comes first (never all Gaussians: if every one qualifies, the heaviest stays). The
+        kept Gaussians in :meth:`densify_mask` are then split (largest scale above ``split_scale``)
+        or cloned, each adding one Gaussian; when more qualify than ``max_gaussians`` leaves room
+        for, those with the largest :meth:`statistic` win (ties: lower index). Statistics restart
+        after a decision. Call it after the optimizer step and the trainer's scale clamp.
         """
         if not self.is_decision_step(step):
             return None
@@ -285,7 +289,8 @@ class DensityControl:
             headroom = c.max_gaussians - int((~prune).sum())
             if stat is not None and headroom > 0:
                 candidates = ~prune & self.densify_mask(model)
-                order = torch.sort(torch.where(candidates, -stat, torch.full_like(stat, math.inf)), stable=True).indices
+                key = torch.where(candidates, -stat, torch.full_like(stat, math.inf))
+                order = torch.sort(key, stable=True).indices
                 chosen = order[:min(headroom, int(candidates.sum()))]
                 grow[chosen] = True
             is_split = grow & (model.log_scales.max(-1).values > math.log(c.split_scale))
