@@ -98,13 +98,13 @@ def estimate_noise_spectrum(particles, *, mask_radius_px: float, n_sample: int =
     wide for a mask leaving a thin solvent ring). The box edges are not tapered: the loss sees the
     images through the same periodic FFT. Shells are ``round(|k|)`` (:func:`shell_index`),
     corners beyond Nyquist included. Signal the CTF spreads beyond the mask radius adds to the
-    estimate, so the radius should be generous.
+    estimate, so the radius should be generous. The spectrum is one average over the sample: noise
+    that differs between images (CTF-premultiplied stacks, several detectors) gets its mean.
     """
     n = len(particles)
     if n == 0:
         raise CryogsError("no particles to estimate the noise from")
-    first = _read(particles, np.arange(1))
-    D = first.shape[-1]
+    D = particles.box_size if hasattr(particles, "box_size") else particles.shape[-1]
     window = solvent_window(D, mask_radius_px, edge_px)
     if window.sum() < 1:
         raise CryogsError(f"the mask radius {mask_radius_px} px leaves no solvent in a {D}-pixel box; "
