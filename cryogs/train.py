@@ -21,6 +21,7 @@ from .mrc import write_mrc
 from .noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, whitening_filter
 from .particles import ParticleSet, write_star
 from .pose_refine import PoseRefiner, perturb
+from .priors import map_prior, repulsion, scale_bounds
 from .projection import project, resolve_backend, voxelize
 from .streaming import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
 
@@ -126,6 +127,17 @@ def particle_ctf(particles: ParticleSet, idx, *, device=None):
 
 
 
+def _data_scale(particles: ParticleSet, seed: int, n_sample: int = 256) -> float:
+    """``1 / (½·D²·v)`` with ``v`` the mean pixel variance of a sample of images: it makes the data term
+    dimensionless, independent of the images' scale (Adam is anyway), so prior weights carry over."""
+    rng = np.random.default_rng([seed, 7])
+    idx = np.sort(rng.choice(len(particles), size=min(n_sample, len(particles)), replace=False))
+    var = float(particles.images(idx).astype(np.float64).var(axis=(1, 2)).mean())
+    if not var > 0:
+        raise CryogsError("the particle images are constant (zero variance): nothing to fit")
+    return 1.0 / (0.5 * particles.box_size ** 2 * var)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -147,6 +159,7 @@ class Trainer:
         self.device = torch.device(config.device)
         self.backend = resolve_backend(config.backend, self.device)
         p, D = particles.pixel_size, particles.box_size
+        self.particle_radius = config.init_radius / 0.8  # Å, as default_config estimated it
         self.min_scale = config.min_scale or 0.5 * p
         self.max_scale = config.max_scale or 3 * p
         if initial is None:
@@ -180,10 +193,13 @@ class Trainer:
         if config.refine_poses:
             self.poses = PoseRefiner(n, lr_rotation=math.radians(config.lr_rotation),
                                      lr_shift=config.lr_shift or 0.2 * p, device=self.device)
+        self.data_scale = _data_scale(particles, config.seed)
         self.filter = None
         if config.noise == "coloured":
+            # the CTF spreads the particle's signal a few pixels beyond its radius: keep that out of the noise
+            mask = min(self.particle_radius / p + 4, D / 2 - 2)
             self.filter = whitening_filter(estimate_noise_spectrum(
-                particles, mask_radius_px=config.init_radius / 0.8 / p, seed=config.seed)).to(self.device)
+                particles, mask_radius_px=mask, seed=config.seed)).to(self.device)
         elif config.noise != "white":
             raise CryogsError(f"unknown noise model {config.noise!r} (white or coloured)")
         self.epoch = 0  # completed epochs
@@ -195,9 +211,12 @@ class Trainer:
         self.visited = np.zeros(n, dtype=bool)  # particles of the current epoch already trained on
 
     def _densify_config(self) -> DensifyConfig:
-        return DensifyConfig.for_run(self.total_steps, self.particles.pixel_size, self.particles.box_size,
-                                     min_scale=self.min_scale, max_scale=self.max_scale,
-                                     max_gaussians=self.cfg.max_gaussians or 2 * self.cfg.n_gaussians)
+        # prune centres well outside the particle (its radius from the images, plus a quarter): Adam only
+        # shrinks solvent Gaussians slowly, and beyond the particle the data want nothing
+        p, D = self.particles.pixel_size, self.particles.box_size
+        return DensifyConfig.for_run(self.total_steps, p, D, min_scale=self.min_scale, max_scale=self.max_scale,
+                                     max_gaussians=self.cfg.max_gaussians or 2 * self.cfg.n_gaussians,
+                                     radius=min(1.25 * self.particle_radius, 0.5 * D * p))
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -250,8 +269,6 @@ class Trainer:
         c, total = self.cfg, 0.0
         if not (c.reg_repulsion or c.reg_scale or c.reg_tv or c.reg_smooth):
             return total
-        from .priors import map_prior, repulsion, scale_bounds
-
         means, quats, scales, amps = self.model()
         if c.reg_repulsion:
             total = total + c.reg_repulsion * repulsion(means, c.reg_min_distance or self.particles.pixel_size)
@@ -259,13 +276,16 @@ class Trainer:
             total = total + c.reg_scale * scale_bounds(self.model.log_scales, self.min_scale, self.max_scale)
         for weight, kind in ((c.reg_tv, "tv"), (c.reg_smooth, "smooth")):
             if weight:
+                # on a half-size grid: the priors shape the map at length scales above the pixel, at 1/8 the cost
                 total = total + weight * map_prior((means, quats, scales, amps), box_size=self.particles.box_size,
-                                                   pixel_size=self.particles.pixel_size, kind=kind)
+                                                   pixel_size=self.particles.pixel_size, kind=kind,
+                                                   grid=max(16, self.particles.box_size // 2))
         return total
 
     def step(self, images: torch.Tensor, idx: np.ndarray) -> float:
         """One optimizer step on this rank's share ``idx`` of the global batch; returns the global batch's
-        mean data loss (the negative log-likelihood per image)."""
+        mean data loss: the negative log-likelihood per image in units of ``½·D²·var(images)``, so about 1 is
+        an empty model and the ``--reg-*`` weights mean the same for any data."""
         t = torch.as_tensor(idx, device=self.device)
         rotations, shifts = self.rotations[t], self.shifts[t]
         refining = self.poses is not None and self.step_count >= self.cfg.refine_start * self.total_steps
@@ -279,7 +299,7 @@ class Trainer:
             raise RuntimeError(f"epoch {self.epoch + 1}, batch {self.batch}: particles visited twice")
         self.visited[global_batch] = True
         # this rank's images' sum over the global batch size: summed over ranks it is the global mean
-        data = gaussian_nll(pred, images, self.filter, scales) * (len(idx) / len(global_batch))
+        data = gaussian_nll(pred, images, self.filter, scales) * (self.data_scale * len(idx) / len(global_batch))
         loss = data + self._priors() / self.group.size
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

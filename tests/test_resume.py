@@ -15,11 +15,11 @@ from cryogs.simulate import simulate_stack, write_dataset
 from helpers import random_mixture
 
 
-def tiny_dataset(folder, gen, *, n_particles=192, box=24, apix=2.0):
+def tiny_dataset(folder, gen, *, n_particles=192, box=24, apix=2.0, snr=1.0):
     means, quats, scales, amps = random_mixture(12, gen, spread=5.0, scale_range=(2.0, 3.5), dtype=torch.float32)
     truth = GaussianModel(means.clamp(-10, 10), quats, scales, amps)
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    stack = simulate_stack(truth, n_particles, box_size=box, pixel_size=apix, snr=1.0, max_shift=2.0, seed=seed)
+    stack = simulate_stack(truth, n_particles, box_size=box, pixel_size=apix, snr=snr, max_shift=2.0, seed=seed)
     return write_dataset(folder, truth, stack, box_size=box, pixel_size=apix)
 
 

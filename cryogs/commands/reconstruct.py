@@ -113,6 +113,8 @@ def add_args(parser):
 
 def _initial_model(args, particles, n_gaussians):
     """The starting Gaussians named by --init, or None for random ones."""
+    import numpy as np
+
     from cryogs.model import AtomSet, GaussianModel
     from cryogs.mrc import read_mrc
 
@@ -126,8 +128,10 @@ def _initial_model(args, particles, n_gaussians):
         raise CryogsError(f"--init {kind}: {path} does not exist")
     if kind == "pdb":
         return GaussianModel.from_atoms(AtomSet.read(path), per="residue", min_sigma=particles.pixel_size)
-    volume, pixel_size = read_mrc(path)
-    return GaussianModel.from_map(volume, pixel_size, n_gaussians)
+    volume, voxel = read_mrc(path)
+    if not (min(voxel) > 0 and np.allclose(voxel, voxel[0], rtol=1e-4)):
+        raise CryogsError(f"--init map: {path} needs one positive voxel size on all axes, its header gives {voxel}")
+    return GaussianModel.from_map(volume, float(voxel[0]), n_gaussians)
 
 
 def main(args):
