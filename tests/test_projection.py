@@ -22,27 +22,38 @@ def _one(mean, scales, amp=2.5, quat=(1.0, 0.0, 0.0, 0.0)):
 
 @pytest.mark.parametrize("backend", ["dense", "torch"])
 def test_single_gaussian_integral_peak_and_centre(rng, backend):
-    p, D = 1.7, 64
+    from cryogs.gaussian_math import covariance_3d
+
+    p, D, amp = 1.7, 64, 2.5
     R, sh = random_poses(1, rng, max_shift=6.0)
     sx, sy, sz = (2.0 + 3 * torch.rand(3, generator=rng, dtype=F64)).tolist()
     quat = torch.randn(4, generator=rng, dtype=F64).tolist()
-    mean = (torch.randn(3, generator=rng, dtype=F64) * 5).tolist()
-    g = _one(mean, [sx, sy, sz], quat=quat)
+    # |μ| ≤ 8√3 Å and |origin| ≤ 6√2 Å keep the centre within 13.2 px of the middle, ≥ 18.8 px = 6.4σ (σ ≤ 5 Å)
+    # from every edge: the box holds all but 4·P(Z > 6.4) < 1e-9 of the mass
+    mean = ((2 * torch.rand(3, generator=rng, dtype=F64) - 1) * 8).tolist()
+    g = _one(mean, [sx, sy, sz], amp, quat=quat)
     img = project(*g, R, sh, box_size=D, pixel_size=p, backend=backend)[0]
-    cut = 1.0 if backend == "dense" else 1 - math.exp(-CUTOFF_SIGMA ** 2 / 2)
-    assert float(img.sum()) == pytest.approx(2.5 * cut, rel=1e-6 if backend == "dense" else 2e-3)
-    # centroid is the projected mean: (A μ)_xy / p + D//2 − origin / p
-    expected = (R[0] @ torch.tensor(mean, dtype=F64))[:2] / p + D // 2 - sh[0] / p
-    ys, xs = torch.meshgrid(torch.arange(D, dtype=F64), torch.arange(D, dtype=F64), indexing="ij")
-    centroid = torch.stack([(img * xs).sum(), (img * ys).sum()]) / img.sum()
-    assert torch.allclose(centroid, expected, atol=1e-3 if backend == "dense" else 2e-2)
-    # covariance is the top-left block of A Σ Aᵀ (in px²)
-    from cryogs.gaussian_math import covariance_3d
+    # closed form: a 2D Gaussian centred on (A μ)_xy / p + D//2 − origin / p, covariance the top-left block of
+    # A Σ Aᵀ (px²), sampled at pixel centres; the torch backend keeps the pixels with q ≤ cutoff²
+    centre = (R[0] @ torch.tensor(mean, dtype=F64))[:2] / p + D // 2 - sh[0] / p
     S = (R[0] @ covariance_3d(g[1], g[2])[0] @ R[0].T)[:2, :2] / p ** 2
+    ys, xs = torch.meshgrid(torch.arange(D, dtype=F64), torch.arange(D, dtype=F64), indexing="ij")
+    d = torch.stack([xs - centre[0], ys - centre[1]], -1)
+    q = ((d @ torch.linalg.inv(S)) * d).sum(-1)
+    closed = amp / (2 * math.pi * torch.linalg.det(S).sqrt()) * torch.exp(-q / 2)
+    if backend == "torch":
+        closed = closed * (q <= CUTOFF_SIGMA ** 2)  # a pixel within rounding (1e-15) of the cutoff: P < 1e-10
+    assert torch.allclose(img, closed, rtol=1e-10, atol=1e-14)
+    if backend == "torch":
+        return
+    # the dense image's moments are the Gaussian's: the unit-lattice sampling error of a Gaussian of σ ≥ 1.18 px
+    # is ~exp(−2π²σ²) < 1e-11 (Poisson summation), the box loses < 1e-9
+    assert float(img.sum()) == pytest.approx(amp, rel=1e-8)
+    centroid = torch.stack([(img * xs).sum(), (img * ys).sum()]) / img.sum()
+    assert torch.allclose(centroid, centre, rtol=0, atol=1e-6)
     dx, dy = xs - centroid[0], ys - centroid[1]
     cov = torch.stack([(img * dx * dx).sum(), (img * dx * dy).sum(), (img * dy * dy).sum()]) / img.sum()
-    tol = 1e-3 if backend == "dense" else 0.05
-    assert torch.allclose(cov, torch.stack([S[0, 0], S[0, 1], S[1, 1]]), rtol=tol, atol=tol)
+    assert torch.allclose(cov, torch.stack([S[0, 0], S[0, 1], S[1, 1]]), rtol=0, atol=1e-6)
 
 
 def test_peak_value_of_axis_aligned_gaussian():
