@@ -294,11 +294,12 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
     """Reconstruct and write ``map.mrc`` (the full-data reconstruction), ``slices.png`` and ``metrics.json``.
 
     With ``half_maps`` the particles are split by :func:`cryogs.gold_standard.half_split`; each half
-    is accumulated once, a first unregularised reconstruction of each half gives the (unmasked) FSC and
-    from it the per-shell Wiener ``λ`` (:func:`wiener_from_fsc`), unless ``wiener`` fixes it. Then
-    ``half1.mrc``, ``half2.mrc``, the full map and ``fsc.png`` are written: the FSC of the regularised
-    halves with a soft spherical mask of ``mask_radius`` Å (default: the particle radius estimated
-    from the images plus 4 pixels, as ``reconstruct --half-maps``). With a
+    is accumulated once and reconstructed without regularisation (``half1.mrc``, ``half2.mrc``: a
+    Wiener filter would hide their noise and leave the correlation that a mask induces between them
+    at high frequency). Their unmasked FSC gives the per-shell Wiener ``λ`` (:func:`wiener_from_fsc`),
+    unless ``wiener`` fixes it, for the full map; ``fsc.png`` and the metrics report their FSC with
+    a soft spherical mask of ``mask_radius`` Å (default: the particle radius estimated from the
+    images plus 4 pixels, as ``reconstruct --half-maps``). With a
     ``reference`` map the FSC against it goes to the metrics and ``fsc_reference.png``.
     Returns the metrics.
     """
@@ -321,25 +322,24 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
             raise CryogsError(f"half maps need at least 2 particles, got {len(particles)}")
         idx1, idx2, how = half_split(particles, seed)
         sums1, sums2 = accumulate(particles, idx1, **opts), accumulate(particles, idx2, **opts)
-        radius = _default_mask_radius(particles) if mask_radius is None else mask_radius
+        halves = [reconstruct(sums1), reconstruct(sums2)]  # unregularised, so that the FSC is the data's own
+        for k, half in enumerate(halves, start=1):
+            write_mrc(out / f"half{k}.mrc", half, p)
         if wiener is None:
-            _, first = fsc(reconstruct(sums1), reconstruct(sums2), pixel_size=p)
+            _, unmasked = fsc(halves[0], halves[1], pixel_size=p)
             mean_half = 0.5 * (shell_mean_weight(sums1) + shell_mean_weight(sums2))
-            lam = wiener_from_fsc(first, mean_half)
+            lam = wiener_from_fsc(unmasked, mean_half)
             metrics["wiener"] = "per shell from the unmasked half-map FSC"
             metrics["wiener_per_shell"] = lam.tolist()
         else:
-            lam = wiener
-            metrics["wiener"] = wiener
-        halves = [reconstruct(s, lam) for s in (sums1, sums2)]
+            lam = metrics["wiener"] = wiener
         volume = reconstruct(sums1 + sums2, lam)
-        for k, half in enumerate(halves, start=1):
-            write_mrc(out / f"half{k}.mrc", half, p)
+        radius = _default_mask_radius(particles) if mask_radius is None else mask_radius
         freqs, curve = fsc(halves[0], halves[1], pixel_size=p, mask_radius=radius)
         r143, r5 = resolution_at(freqs, curve, 0.143), resolution_at(freqs, curve, 0.5)
         plot_fsc(out / "fsc.png", {"half 1 vs half 2": (freqs, curve)},
                  title=f"backprojection, gold-standard FSC: {r143:.2f} Å at 0.143")
-        metrics.update({"half_split": how, "half_sizes": [len(idx1), len(idx2)],
+        metrics.update({"half_split": how, "half_sizes": [len(idx1), len(idx2)], "half_maps": "unregularised",
                         "fsc_half_0.143_angstrom": float(r143), "fsc_half_0.5_angstrom": float(r5),
                         "fsc_half_nyquist_limited": r143.nyquist_limited,
                         "fsc_half_0.5_nyquist_limited": r5.nyquist_limited, "fsc_mask_radius_angstrom": radius,

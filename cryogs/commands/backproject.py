@@ -5,10 +5,10 @@ gridding, |k| density compensation, gridding correction), weighted by its CTF; t
 Σ CTF·F / (Σ CTF² + λ) with a Wiener regularisation λ per shell estimated from the half-map FSC.
 Use it to compare cryogs with a conventional voxel reconstruction of the same particles.
 
-Outputs in DIR: map.mrc (the reconstruction from all particles), half1.mrc and half2.mrc
-(independent halves, split by rlnRandomSubset when present, else at random), fsc.png (half-map
-FSC with a soft spherical mask), slices.png and metrics.json (FSC 0.143 and 0.5 in Å, wall time,
-device). Maps carry the voxel size, so they open at scale in ChimeraX. With --reference also the
+Outputs in DIR: map.mrc (the Wiener-regularised reconstruction from all particles), half1.mrc
+and half2.mrc (independent halves, split by rlnRandomSubset when present, else at random, not
+regularised, for the FSC), fsc.png (half-map FSC with a soft spherical mask), slices.png and
+metrics.json (FSC 0.143 and 0.5 in Å, wall time, device). Maps carry the voxel size, so they open at scale in ChimeraX. With --reference also the
 FSC against a known map (fsc_reference.png). With --no-half-maps only map.mrc, slices.png and
 metrics.json, regularised by the constant --wiener (default: none).
 
