@@ -216,8 +216,12 @@ def test_cryodrgn_translation_moves_content_by_plus_t():
 def test_shift_sign_against_projector_and_cryodrgn(tmp_path, rng):
     """origin = +shift·apix: cryoDRGN's centring (translate by +trans·D = +shift px) of an image that
     cryogs renders with the loaded origin gives the centred projection; the opposite sign does not."""
-    n, D, apix = 4, 64, 2.0  # wide enough that no mass wraps around in the FFT translation
-    means, quats, scales, amps = random_mixture(6, rng, spread=6.0, scale_range=(4.0, 7.0))
+    n, D, apix = 4, 64, 2.0
+    # No mass may wrap around in the FFT translation: |μ| ≤ 8√3 Å and |shift| ≤ 4√2 px keep every centre within
+    # 12.6 px of the middle, ≥ 18.4 px = 5.2σ (σ ≤ 7 Å) from the edges, where each of the 6 Gaussians is below
+    # 1e-6 of its peak (≤ the image maximum): far under the 1e-4 asked.
+    means, quats, scales, amps = random_mixture(6, rng, scale_range=(4.0, 7.0))
+    means = (2 * torch.rand(6, 3, generator=rng, dtype=torch.float64) - 1) * 8
     r = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng)))
     pose = Rotation.random(n, random_state=r).as_rotvec().astype(np.float32)
     shift = r.uniform(-4, 4, (n, 2)).astype(np.float32)  # cryoSPARC pixels
@@ -234,7 +238,7 @@ def test_shift_sign_against_projector_and_cryodrgn(tmp_path, rng):
         good = _cryodrgn_translate(observed[i], trans[i] * D)
         bad = _cryodrgn_translate(observed[i], -trans[i] * D)
         assert np.abs(good - centred[i]).max() < 1e-4 * scale
-        if np.linalg.norm(shift[i]) > 0.5:
+        if np.linalg.norm(shift[i]) > 0.5:  # moved ≥ 1 px the wrong way: over 4000 images ≥ 17x this threshold
             assert np.abs(bad - centred[i]).max() > 1e-2 * scale
     # The same poses through cryoDRGN's pose.pkl give the same origins.
     pk = _pickle(tmp_path / "pose.pkl", (ps.rotations.astype(np.float32), trans.astype(np.float32)))
