@@ -20,6 +20,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _float32_default_dtype():
+    """Every test starts from float32 as torch's default dtype, whatever an earlier test left behind."""
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.fixture
 def rng():
     """A fresh, unseeded generator: tests run on new random inputs each time (seed printed on failure)."""

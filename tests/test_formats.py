@@ -220,7 +220,7 @@ def test_shift_sign_against_projector_and_cryodrgn(tmp_path, rng):
     # No mass may wrap around in the FFT translation: |μ| ≤ 8√3 Å and |shift| ≤ 4√2 px keep every centre within
     # 12.6 px of the middle, ≥ 18.4 px = 5.2σ (σ ≤ 7 Å) from the edges, where each of the 6 Gaussians is below
     # 1e-6 of its peak (≤ the image maximum): far under the 1e-4 asked.
-    means, quats, scales, amps = random_mixture(6, rng, scale_range=(4.0, 7.0))
+    _, quats, scales, amps = random_mixture(6, rng, scale_range=(4.0, 7.0))
     means = (2 * torch.rand(6, 3, generator=rng, dtype=torch.float64) - 1) * 8
     r = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng)))
     pose = Rotation.random(n, random_state=r).as_rotvec().astype(np.float32)
@@ -347,7 +347,7 @@ def small_stack(tmp_path):
 
 
 def test_pose_count_mismatch(tmp_path, small_stack):
-    rot = Rotation.random(6).as_matrix().transpose(0, 2, 1)
+    rot = Rotation.random(6, random_state=0).as_matrix().transpose(0, 2, 1)
     pk = _pickle(tmp_path / "pose.pkl", (rot, np.zeros((6, 2))))
     with pytest.raises(CryogsError, match=r"pose\.pkl: has poses for 6 particles but there are 5 particle images") as err:
         load_cryodrgn(small_stack, poses=pk, pixel_size=1.0)
@@ -364,7 +364,7 @@ def test_pose_count_mismatch(tmp_path, small_stack):
 
 
 def test_ctf_pkl_bad_shape_and_pixel_size(tmp_path, small_stack):
-    rot = Rotation.random(5).as_matrix()
+    rot = Rotation.random(5, random_state=0).as_matrix()
     pk = _pickle(tmp_path / "pose.pkl", (rot, np.zeros((5, 2))))
     with pytest.raises(CryogsError, match=r"ctf\.pkl: expected a CTF table of shape \[N, 9\].*\(5, 8\)") as err:
         load_cryodrgn(small_stack, poses=pk, ctf=_pickle(tmp_path / "ctf.pkl", np.ones((5, 8))))
@@ -383,7 +383,7 @@ def test_ctf_pkl_bad_shape_and_pixel_size(tmp_path, small_stack):
 
 def test_stack_list_errors(tmp_path, small_stack):
     (tmp_path / "list.txt").write_text("five.mrcs\nmissing.mrcs\n")
-    pk = _pickle(tmp_path / "pose.pkl", Rotation.random(10).as_matrix())
+    pk = _pickle(tmp_path / "pose.pkl", Rotation.random(10, random_state=0).as_matrix())
     with pytest.raises(CryogsError, match=r"list\.txt: line 2: stack missing\.mrcs not found.*--datadir") as err:
         load_cryodrgn(tmp_path / "list.txt", poses=pk, pixel_size=1.0)
     _one_line(err)
