@@ -59,6 +59,7 @@ class TrainConfig:
     refine_start: float = 0.5  # fraction of the epochs before pose refinement starts
     lr_rotation: float = 0.5  # degrees per step for pose refinement at the start
     lr_shift: float = 0.0  # Å per step for pose refinement at the start; 0 means "0.2 pixel"
+    pose_steps: int = 8  # pose steps per batch while refining (the last one joint with the Gaussians)
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
 
     @classmethod
@@ -259,11 +260,33 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
 
     # ------------------------------------------------------------------ training
-    def render(self, rotations, shifts, ctf=None):
-        """Γ of the model in these poses, convolved with the CTF when one is given."""
-        images = project(*self.model(), rotations, shifts, box_size=self.particles.box_size,
-                         pixel_size=self.particles.pixel_size, backend=self.backend)
+    def render(self, rotations, shifts, ctf=None, params=None):
+        """Γ of the model (or of ``params``) in these poses, convolved with the CTF when one is given."""
+        images = project(*(self.model() if params is None else params), rotations, shifts,
+                         box_size=self.particles.box_size, pixel_size=self.particles.pixel_size, backend=self.backend)
         return images if ctf is None else apply_ctf(images, ctf)
+
+    def _data_loss(self, pred, images, share: float):
+        """This rank's data term: its images' NLL over the global batch, in units of the images' variance."""
+        scales = contrast_scales(pred.detach(), images, self.filter) if self.cfg.contrast else None
+        return gaussian_nll(pred, images, self.filter, scales) * (self.data_scale * share)
+
+    def _update_poses(self, grad: torch.Tensor, global_batch: np.ndarray) -> None:
+        """Sum this rank's pose gradients ``[k,5]`` into the global batch's rows over the ranks, so every rank
+        takes the same per-particle Adam step on every particle of the batch."""
+        rows = torch.zeros(len(global_batch), 5, device=self.device)
+        start = sum(len(s) for s in np.array_split(global_batch, self.group.size)[:self.group.rank])
+        rows[start:start + len(grad)] = grad
+        self.group.all_reduce_sum_([rows])
+        self.poses.step(torch.as_tensor(global_batch, device=self.device), rows, self.lr_factor(self.step_count))
+
+    def _refine_poses_only(self, t, images, ctf, share, global_batch) -> None:
+        """One pose step for the batch against the current (frozen) Gaussians."""
+        corrections = self.poses.leaf(t)
+        params = [x.detach() for x in self.model()]
+        pred = self.render(*perturb(self.rotations[t], self.shifts[t], corrections), ctf, params=params)
+        grad, = torch.autograd.grad(self._data_loss(pred, images, share), corrections)
+        self._update_poses(grad, global_batch)
 
     def _priors(self) -> torch.Tensor | float:
         c, total = self.cfg, 0.0
@@ -285,35 +308,34 @@ class Trainer:
     def step(self, images: torch.Tensor, idx: np.ndarray) -> float:
         """One optimizer step on this rank's share ``idx`` of the global batch; returns the global batch's
         mean data loss: the negative log-likelihood per image in units of ``½·D²·var(images)``, so about 1 is
-        an empty model and the ``--reg-*`` weights mean the same for any data."""
-        t = torch.as_tensor(idx, device=self.device)
-        rotations, shifts = self.rotations[t], self.shifts[t]
-        refining = self.poses is not None and self.step_count >= self.cfg.refine_start * self.total_steps
-        if refining:
-            corrections = self.poses.leaf(t)
-            rotations, shifts = perturb(rotations, shifts, corrections)
-        pred = self.render(rotations, shifts, particle_ctf(self.particles, idx, device=self.device))
-        scales = contrast_scales(pred.detach(), images, self.filter) if self.cfg.contrast else None
+        an empty model and the ``--reg-*`` weights mean the same for any data.
+
+        While refining poses, each batch first takes ``pose_steps − 1`` pose-only steps against the current
+        Gaussians, then one joint step: a particle is seen once per epoch, and its pose needs tens of steps.
+        """
         global_batch = self.sampler.global_batch(self.batch)
         if self.visited[global_batch].any():  # the data order and the resume position disagree
             raise RuntimeError(f"epoch {self.epoch + 1}, batch {self.batch}: particles visited twice")
         self.visited[global_batch] = True
-        # this rank's images' sum over the global batch size: summed over ranks it is the global mean
-        data = gaussian_nll(pred, images, self.filter, scales) * (self.data_scale * len(idx) / len(global_batch))
+        share = len(idx) / len(global_batch)  # summed over the ranks, the losses make the global mean
+        t = torch.as_tensor(idx, device=self.device)
+        ctf = particle_ctf(self.particles, idx, device=self.device)
+        rotations, shifts = self.rotations[t], self.shifts[t]
+        refining = self.poses is not None and self.step_count >= self.cfg.refine_start * self.total_steps
+        if refining:
+            for _ in range(self.cfg.pose_steps - 1):
+                self._refine_poses_only(t, images, ctf, share, global_batch)
+            corrections = self.poses.leaf(t)
+            rotations, shifts = perturb(rotations, shifts, corrections)
+        data = self._data_loss(self.render(rotations, shifts, ctf), images, share)
         loss = data + self._priors() / self.group.size
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.model.parameters())
         reduced = [p.grad for p in params] + [data.detach().reshape(1)]
-        if refining:
-            pose_grad = torch.zeros(len(global_batch), 5, device=self.device)
-            start = sum(len(s) for s in np.array_split(global_batch, self.group.size)[:self.group.rank])
-            pose_grad[start:start + len(idx)] = corrections.grad
-            reduced.append(pose_grad)
         self.group.all_reduce_sum_(reduced)
         if refining:
-            self.poses.step(torch.as_tensor(global_batch, device=self.device), pose_grad,
-                            self.lr_factor(self.step_count))
+            self._update_poses(corrections.grad, global_batch)
         if self.density is not None:
             self.density.accumulate(self.model)
         self.optimizer.step()
