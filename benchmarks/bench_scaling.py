@@ -48,8 +48,7 @@ def main() -> None:
         out = args.work / f"run{k}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = ["-m", "cryogs", "reconstruct", str(data / "particles.star"), "--out", str(out), "--epochs",
-               str(args.epochs), "--batch-size", str(args.batch_size), "--no-progress", "--device", args.device,
-               "--no-densify"]
+               str(args.epochs), "--batch-size", str(args.batch_size), "--no-progress", "--device", args.device]
         if k > 1:
             cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", *cmd]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // k))} if args.device == "cpu" else None

@@ -11,7 +11,7 @@ noise model, density control and pose refinement do.
 Examples:
   python benchmarks/quality.py --grid cpu                  # 2k images, box 64, SNR ∞ / 1 / 0.1
   python benchmarks/quality.py --grid full --device cuda   # 2k / 10k / 50k images
-  python benchmarks/quality.py --grid cpu --variants no-densify repulsion tv coloured --snr 0.1
+  python benchmarks/quality.py --grid cpu --variants densify repulsion tv coloured --snr 0.1
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ MODEL = ROOT.parent / "cryogs" / "data" / "adk_open.pdb"  # embedded copy of ../
 GRIDS = {"cpu": [2000], "full": [2000, 10000, 50000]}
 VARIANTS = {
     "default": [],
-    "no-densify": ["--no-densify"],
+    "densify": ["--densify"],
     "repulsion": ["--reg-repulsion", "1.0"],
     "scale-prior": ["--reg-scale", "1.0"],
     "tv": ["--reg-tv", "1.0"],

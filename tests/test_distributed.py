@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 def _run(star, out, processes, *extra):
     args = ["-m", "cryogs", "reconstruct", str(star), "--out", str(out), "--epochs", "2", "--batch-size", "8",
-            "--gaussians", "30", "--no-progress", "--device", "cpu", "--seed", "3", *extra]
+            "--gaussians", "30", "--no-progress", "--device", "cpu", "--seed", "3", "--densify", *extra]
     if processes > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -24,8 +24,7 @@ def _config(out):
 
 def test_init_from_pdb_and_from_map(tmp_path, rng):
     files = tiny_dataset(tmp_path / "data", rng, n_particles=32, box=24)
-    common = [str(files["star"]), "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu",
-              "--no-densify"]
+    common = [str(files["star"]), "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu"]
     assert cryogs(["reconstruct", *common, "--out", str(tmp_path / "pdb"), "--init", "pdb",
                    str(DATA / "1uao.pdb")]) == 0
     assert _config(tmp_path / "pdb")["n_gaussians"] == 10  # chignolin: one Gaussian per residue
@@ -66,9 +65,14 @@ def test_density_control_runs_and_a_changed_n_resumes(tmp_path, rng):
     from the configuration's (as after densification) resumes with the checkpoint's N."""
     files = tiny_dataset(tmp_path / "data", rng, n_particles=96, box=24)
     particles = load_particles(files["star"])
-    config = default_config(particles, epochs=4, batch_size=8, n_gaussians=6)
+    config = default_config(particles, epochs=4, batch_size=8, n_gaussians=6, densify=True)
     trainer = run_training(particles, config, tmp_path / "run", progress=False)
-    assert trainer.densify_log and all(d["n"] == d.get("n", 0) for d in trainer.densify_log)
+    assert trainer.densify_log
+    n = 6
+    for d in trainer.densify_log:  # each decision's counts account for the change in N
+        assert d["n"] == n + d["cloned"] + d["split"] - d["pruned"], d
+        n = d["n"]
+    assert n == len(trainer.model)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ck["model"]["means"].shape[0] == len(trainer.model)
     config.epochs, config.n_gaussians = 5, len(trainer.model) + 3

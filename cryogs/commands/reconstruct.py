@@ -15,8 +15,7 @@ STAR file has defocus columns; particles without them are reconstructed without 
 
 Defaults follow from the data: the particle radius and mass are estimated from the mean image,
 the number of Gaussians from the particle volume, and the epochs from the particle count. Density
-control splits, clones and prunes Gaussians during the first 60 % of the steps (--no-densify to
-keep N fixed). Priors (--reg-*) are off unless asked for.
+control (--densify) and the priors (--reg-*) are off unless asked for.
 
 Several GPUs: --gpus K relaunches under torchrun; or run 'torchrun --nproc_per_node=K -m cryogs
 reconstruct ...' yourself (on CPUs it uses gloo). Each process reads its share of every batch;
@@ -63,8 +62,10 @@ def add_args(parser):
                              "residue of a PDB/mmCIF model, mass centre at the box centre) (default: random)")
     parser.add_argument("--max-gaussians", type=int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
-    parser.add_argument("--no-densify", action="store_true",
-                        help="keep the number of Gaussians fixed (no splitting, cloning or pruning)")
+    parser.add_argument("--densify", action="store_true",
+                        help="adaptive density control: split, clone and prune Gaussians during the first half of "
+                             "the steps (off by default: on the quality benchmark it pruned too much, see "
+                             "benchmarks/QUALITY.md)")
     parser.add_argument("--noise", choices=["white", "coloured"], default=None,
                         help="noise model: 'white' (plain squared error) or 'coloured' (whitened by the noise "
                              "spectrum measured outside the particle; right for real micrographs) (default: white)")
@@ -173,7 +174,7 @@ def main(args):
             reg_min_distance=args.reg_min_distance, reg_scale=args.reg_scale, reg_tv=args.reg_tv,
             reg_smooth=args.reg_smooth, refine_start=args.refine_start, lr_rotation=args.lr_rotation,
             lr_shift=args.lr_shift, pose_steps=args.pose_steps, checkpoint_every=args.checkpoint_every, init=" ".join(args.init))
-        config.densify, config.contrast, config.refine_poses = not args.no_densify, args.contrast, args.refine_poses
+        config.densify, config.contrast, config.refine_poses = args.densify, args.contrast, args.refine_poses
         initial = _initial_model(args, particles, config.n_gaussians)
         if initial is not None:
             config.n_gaussians = len(initial)
