@@ -26,7 +26,7 @@ def tiny_dataset(folder, gen, *, n_particles=192, box=24, apix=2.0, snr=1.0):
 def reconstruct_args(star, out, *extra):
     return [sys.executable, "-m", "cryogs", "reconstruct", str(star), "--out", str(out), "--epochs", "3",
             "--batch-size", "8", "--gaussians", "40", "--checkpoint-every", "3", "--refine-poses",
-            "--refine-start", "0.3", "--densify", "--no-progress", "--device", "cpu", "--seed", "5", *extra]
+            "--refine-start", "0.3", "--pose-steps", "2", "--densify", "--no-progress", "--device", "cpu", "--seed", "5", *extra]
 
 
 def _checkpoint(path):
