@@ -49,7 +49,9 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, rng):
     # summation order differs between one and two processes: float32 rounding, amplified a little by Adam
     np.testing.assert_allclose(one[0], two[0], atol=2e-3)  # Å
     np.testing.assert_allclose(one[1], two[1], rtol=2e-3)
-    np.testing.assert_allclose(one[2], two[2], atol=2e-2)  # Å², entries of ~10 Å²
+    # a rounding-level gradient can flip the sign of one Adam step of a log-scale (lr 0.02), which moves
+    # that Gaussian's variance by up to 4 %: the covariances agree to that
+    np.testing.assert_allclose(one[2], two[2], atol=0.04 * float(np.abs(one[2]).max()))
     assert not (tmp_path / "two" / "half1").exists()
 
 
