@@ -33,6 +33,7 @@ GRIDS = {"cpu": [2000], "full": [2000, 10000, 50000]}
 VARIANTS = {
     "default": [],
     "densify": ["--densify"],
+    "coarse": ["--coarse", "0.3"],
     "repulsion": ["--reg-repulsion", "1.0"],
     "scale-prior": ["--reg-scale", "1.0"],
     "tv": ["--reg-tv", "1.0"],

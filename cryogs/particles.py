@@ -30,10 +30,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import starfile
+import torch
 
 from .atomic import atomic_path
 from .conventions import euler_to_matrix, matrix_to_euler
 from .errors import CryogsError
+from .fourier import fourier_crop_tensor
 from .mrc import open_stack
 
 __all__ = [
@@ -277,41 +279,18 @@ class ParticleSet:
 
 
 def fourier_crop(images, size: int, *, chunk: int = 64) -> np.ndarray:
-    """Downsample ``[..., D, D]`` images to ``[..., size, size]`` float32 by Fourier cropping.
-
-    The image centre (index ``D//2``) is the origin of the transform, so it maps to index
-    ``size//2`` and a centred blob stays centred. Only frequencies up to the new Nyquist
-    (``|k| ≤ size/2`` cycles per box, per axis) are kept; the zero frequency is kept unscaled, so
-    the image sum (mass) is unchanged and each pixel holds the mass of its larger area. For even
-    ``size`` the +N and -N frequencies (N = size/2) of the original fall on one frequency of the new
-    grid: they are added (as :func:`scipy.signal.resample` does), so the result equals the original
-    low-pass filtered to ``|k| ≤ N`` and sampled at the new pixel centres. Works through ``chunk``
-    images at a time to bound memory.
-    """
+    """Downsample ``[..., D, D]`` images to ``[..., size, size]`` float32 by Fourier cropping
+    (:func:`cryogs.fourier.fourier_crop_tensor`, in float64), ``chunk`` images at a time to bound memory."""
     a = np.asarray(images)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise CryogsError(f"fourier_crop needs square images [..., D, D], got shape {a.shape}")
     D, d = a.shape[-1], int(size)
-    if not 1 <= d <= D:
-        raise CryogsError(f"cannot Fourier-crop {D}px images to {d}px")
     lead = a.shape[:-2]
     flat = a.reshape(-1, D, D)
     out = np.empty((flat.shape[0], d, d), dtype=np.float32)
-    if d == D:
-        out[:] = flat
-        return out.reshape(*lead, d, d)
-    lo, hi = d // 2, (d - 1) // 2  # kept frequencies -lo..hi along y; 0..d//2 along x
     for start in range(0, flat.shape[0], chunk):
-        block = flat[start:start + chunk].astype(np.float64)
-        f = np.fft.rfft2(np.fft.ifftshift(block, axes=(-2, -1)))
-        g = np.empty((len(block), d, d // 2 + 1), dtype=np.complex128)
-        g[:, : hi + 1] = f[:, : hi + 1, : d // 2 + 1]
-        g[:, d - lo:] = f[:, D - lo:, : d // 2 + 1]
-        if d % 2 == 0:
-            g[:, d - lo] += f[:, lo, : d // 2 + 1]  # join +N into the -N (Nyquist) row
-            g[:, :, -1] *= 2  # join -N into +N along x (irfft keeps the real part of the Nyquist column)
-        img = np.fft.irfft2(g, s=(d, d))
-        out[start:start + chunk] = np.fft.fftshift(img, axes=(-2, -1))
+        block = torch.from_numpy(flat[start:start + chunk].astype(np.float64))
+        out[start:start + chunk] = fourier_crop_tensor(block, d).numpy()
     return out.reshape(*lead, d, d)
 
 

@@ -15,6 +15,7 @@ from .ctf import apply_ctf, compute_ctf
 from .densify import DensifyConfig, DensityControl
 from .distributed import Group
 from .errors import CryogsError
+from .fourier import crop_half_spectrum, fourier_crop_tensor
 from .figures import plot_gaussians, plot_loss, plot_montage, plot_slices
 from .model import GaussianModel
 from .mrc import write_mrc
@@ -61,6 +62,7 @@ class TrainConfig:
     lr_shift: float = 0.0  # Å per step for pose refinement at the start; 0 means "0.2 pixel"
     pose_steps: int = 8  # pose steps per batch while refining (the last one joint with the Gaussians)
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
+    coarse: float = 0.0  # fraction of the steps fitted to images Fourier-cropped to half the box
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -152,6 +154,17 @@ def _data_scale(particles: ParticleSet, seed: int, n_sample: int = 256) -> float
     return 1.0 / (0.5 * particles.box_size ** 2 * var)
 
 
+@dataclass
+class Stage:
+    """The sampling one part of the schedule fits at: the full box, or the coarse (Fourier-cropped) one."""
+
+    box: int
+    pixel: float  # Å
+    filter: torch.Tensor | None  # [box, box//2+1] whitening filter, or None (white noise)
+    min_scale: float  # Å: half a pixel; narrower Gaussians alias at this sampling
+    loss_factor: float  # (box/D)²: a cropped residual's Σ_x r² is (D/box)² × the low-pass part of the full one
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -216,6 +229,13 @@ class Trainer:
                 particles, mask_radius_px=mask, seed=config.seed)).to(self.device)
         elif config.noise != "white":
             raise CryogsError(f"unknown noise model {config.noise!r} (white or coloured)")
+        if not 0 <= config.coarse <= 1:
+            raise CryogsError(f"--coarse must be a fraction of the steps in [0, 1], got {config.coarse}")
+        self.full = Stage(D, p, self.filter, self.min_scale, 1.0)
+        d = 2 * (D // 4)  # even, so the cropped centre D//2 → d//2 stays on a pixel centre
+        self.coarse_steps = round(config.coarse * self.total_steps) if d >= 8 else 0
+        self.coarse = Stage(d, p * D / d, None if self.filter is None else crop_half_spectrum(self.filter, d),
+                            max(self.min_scale, 0.5 * p * D / d), (d / D) ** 2)
         self.epoch = 0  # completed epochs
         self.batch = 0  # completed global batches of the current epoch
         self.step_count = 0
@@ -273,16 +293,23 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
 
     # ------------------------------------------------------------------ training
-    def render(self, rotations, shifts, ctf=None, params=None):
-        """Γ of the model (or of ``params``) in these poses, convolved with the CTF when one is given."""
+    def stage(self) -> Stage:
+        """The sampling of the current step: coarse for the first ``coarse`` fraction of the steps."""
+        return self.coarse if self.step_count < self.coarse_steps else self.full
+
+    def render(self, rotations, shifts, ctf=None, params=None, stage: Stage | None = None):
+        """Γ of the model (or of ``params``) in these poses at the stage's sampling (default: full),
+        convolved with the CTF when one is given."""
+        stage = stage or self.full
         images = project(*(self.model() if params is None else params), rotations, shifts,
-                         box_size=self.particles.box_size, pixel_size=self.particles.pixel_size, backend=self.backend)
+                         box_size=stage.box, pixel_size=stage.pixel, backend=self.backend)
         return images if ctf is None else apply_ctf(images, ctf)
 
-    def _data_loss(self, pred, images, share: float):
-        """This rank's data term: its images' NLL over the global batch, in units of the images' variance."""
-        scales = contrast_scales(pred.detach(), images, self.filter) if self.cfg.contrast else None
-        return gaussian_nll(pred, images, self.filter, scales) * (self.data_scale * share)
+    def _data_loss(self, pred, images, share: float, stage: Stage):
+        """This rank's data term: its images' NLL over the global batch, in units of the images' variance
+        (at the coarse stage, the low-pass part of the full-size term)."""
+        scales = contrast_scales(pred.detach(), images, stage.filter) if self.cfg.contrast else None
+        return gaussian_nll(pred, images, stage.filter, scales) * (self.data_scale * share * stage.loss_factor)
 
     def _update_poses(self, grad: torch.Tensor, global_batch: np.ndarray) -> None:
         """Sum this rank's pose gradients ``[k,5]`` into the global batch's rows over the ranks, so every rank
@@ -293,12 +320,12 @@ class Trainer:
         self.group.all_reduce_sum_([rows])
         self.poses.step(torch.as_tensor(global_batch, device=self.device), rows, self.lr_factor(self.step_count))
 
-    def _refine_poses_only(self, t, images, ctf, share, global_batch) -> None:
+    def _refine_poses_only(self, t, images, ctf, share, global_batch, stage: Stage) -> None:
         """One pose step for the batch against the current (frozen) Gaussians."""
         corrections = self.poses.leaf(t)
         params = [x.detach() for x in self.model()]
-        pred = self.render(*perturb(self.rotations[t], self.shifts[t], corrections), ctf, params=params)
-        grad, = torch.autograd.grad(self._data_loss(pred, images, share), corrections)
+        pred = self.render(*perturb(self.rotations[t], self.shifts[t], corrections), ctf, params=params, stage=stage)
+        grad, = torch.autograd.grad(self._data_loss(pred, images, share, stage), corrections)
         self._update_poses(grad, global_batch)
 
     def _priors(self) -> torch.Tensor | float:
@@ -333,14 +360,18 @@ class Trainer:
         share = len(idx) / len(global_batch)  # summed over the ranks, the losses make the global mean
         t = torch.as_tensor(idx, device=self.device)
         ctf = particle_ctf(self.particles, idx, device=self.device)
+        stage = self.stage()
+        if stage is self.coarse:
+            images = fourier_crop_tensor(images, stage.box)
+            ctf = None if ctf is None else crop_half_spectrum(ctf, stage.box)
         rotations, shifts = self.rotations[t], self.shifts[t]
         refining = self.poses is not None and self.step_count >= self.cfg.refine_start * self.total_steps
         if refining:
             for _ in range(self.cfg.pose_steps - 1):
-                self._refine_poses_only(t, images, ctf, share, global_batch)
+                self._refine_poses_only(t, images, ctf, share, global_batch, stage)
             corrections = self.poses.leaf(t)
             rotations, shifts = perturb(rotations, shifts, corrections)
-        data = self._data_loss(self.render(rotations, shifts, ctf), images, share)
+        data = self._data_loss(self.render(rotations, shifts, ctf, stage=stage), images, share, stage)
         loss = data + self._priors() / self.group.size
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -355,7 +386,7 @@ class Trainer:
         self.scheduler.step()
         self.step_count += 1
         with torch.no_grad():
-            self.model.log_scales.clamp_(math.log(self.min_scale), math.log(self.max_scale))
+            self.model.log_scales.clamp_(math.log(stage.min_scale), math.log(self.max_scale))
             self.model.quats /= self.model.quats.norm(dim=-1, keepdim=True)
         if self.density is not None:
             change = self.density.update(self.step_count, self.model, self.optimizer)

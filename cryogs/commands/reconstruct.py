@@ -94,6 +94,10 @@ def add_args(parser):
     parser.add_argument("--pose-steps", type=int, default=None,
                         help="pose-refinement steps per batch and epoch: all but the last against the current "
                              "Gaussians, the last jointly with them; a rotation needs tens of steps (default: 8)")
+    parser.add_argument("--coarse", type=float, default=None,
+                        help="fraction of the steps fitted to images Fourier-cropped to half the box (pixels twice "
+                             "as large; 4× fewer pixels to render) before the full-size images: the low "
+                             "resolution is placed first (default: 0, off)")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="steps between mid-epoch checkpoints; one is also written after every epoch (default: 200)")
     parser.add_argument("--gpus", type=int, default=None,
@@ -173,7 +177,8 @@ def main(args):
             max_gaussians=args.max_gaussians, noise=args.noise, reg_repulsion=args.reg_repulsion,
             reg_min_distance=args.reg_min_distance, reg_scale=args.reg_scale, reg_tv=args.reg_tv,
             reg_smooth=args.reg_smooth, refine_start=args.refine_start, lr_rotation=args.lr_rotation,
-            lr_shift=args.lr_shift, pose_steps=args.pose_steps, checkpoint_every=args.checkpoint_every, init=" ".join(args.init))
+            lr_shift=args.lr_shift, pose_steps=args.pose_steps, checkpoint_every=args.checkpoint_every,
+            coarse=args.coarse, init=" ".join(args.init))
         config.densify, config.contrast, config.refine_poses = args.densify, args.contrast, args.refine_poses
         initial = _initial_model(args, particles, config.n_gaussians)
         if initial is not None:
