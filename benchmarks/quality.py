@@ -11,7 +11,9 @@ noise model, density control and pose refinement do.
 Examples:
   python benchmarks/quality.py --grid cpu                  # 2k images, box 64, SNR ∞ / 1 / 0.1
   python benchmarks/quality.py --grid full --device cuda   # 2k / 10k / 50k images
-  python benchmarks/quality.py --grid cpu --variants densify repulsion tv coloured --snr 0.1
+  python benchmarks/quality.py --grid cpu --variants densify repulsion tv coloured --snr 0.1 --no-default
+
+Rows are merged into the results file: a rerun replaces the rows it repeats and keeps the others.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ VARIANTS = {
     "default": [],
     "densify": ["--densify"],
     "coarse": ["--coarse", "0.3"],
+    "more-gaussians": ["--gaussians", "3500"],  # ≈ one per atom of the ADK model (3,317 with hydrogens)
     "repulsion": ["--reg-repulsion", "1.0"],
     "scale-prior": ["--reg-scale", "1.0"],
     "tv": ["--reg-tv", "1.0"],
@@ -90,9 +93,13 @@ def markdown(rows: list[dict], device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="cpu", help="particle counts to run (default: cpu)")
+    ap.add_argument("--images", type=int, nargs="+", default=None,
+                    help="particle counts to run instead of the --grid's")
     ap.add_argument("--snr", type=float, nargs="+", default=[math.inf, 1.0, 0.1], help="SNRs (default: inf 1 0.1)")
     ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                     help="extra cryogs variants to run at every grid point besides the default")
+    ap.add_argument("--no-default", action="store_true",
+                    help="run only the --variants, not backprojection and the default cryogs")
     ap.add_argument("--box", type=int, default=64, help="box size in pixels (default: 64)")
     ap.add_argument("--apix", type=float, default=1.5, help="pixel size in Å (default: 1.5)")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -100,16 +107,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quality_cpu.json", help="JSON results file")
     args = ap.parse_args()
     name = device_name(args.device)
-    rows = []
-    for n in GRIDS[args.grid]:
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    for n in args.images or GRIDS[args.grid]:
         for snr in args.snr:
             data = simulate(args.work, n, snr, args.box, args.apix, seed=n)
-            runs = [("backproject", "-"), ("cryogs", "default")] + [("cryogs", v) for v in args.variants]
-            for method, variant in runs:
+            runs = [] if args.no_default else [("backproject", "-"), ("cryogs", "default")]
+            for method, variant in runs + [("cryogs", v) for v in args.variants]:
                 row = run_one(method, variant, data, args.work / f"run_n{n}_snr{snr:g}_{method}_{variant}", args.device)
                 row.update(n_images=n, snr=snr, box=args.box, pixel_size=args.apix, device=name,
                            nyquist_angstrom=2 * args.apix)
-                rows.append(row)
+                key = (n, snr, method, variant)
+                rows = [r for r in rows if (r["n_images"], r["snr"], r["method"], r["variant"]) != key] + [row]
+                rows.sort(key=lambda r: (r["n_images"], -r["snr"], r["method"] != "backproject", r["variant"] != "default", r["variant"]))
                 print(json.dumps(row), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"device": name, "model": MODEL.name, "rows": rows}, indent=1))

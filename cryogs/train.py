@@ -47,7 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     backend: str = "auto"
     init: str = "random"  # how the initial model was made: random, map PATH or pdb PATH (for the record)
-    densify: bool = False  # adaptive density control (cryogs.densify); off: it lost on the quality benchmark
+    densify: bool = False  # adaptive density control (cryogs.densify); off: it tied on the quality benchmark
     max_gaussians: int = 0  # cap on N under density control; 0 means "2 × n_gaussians"
     noise: str = "white"  # white: plain squared error; coloured: whitened by the solvent noise spectrum
     contrast: bool = False  # solve a per-image contrast scale in closed form every step

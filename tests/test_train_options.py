@@ -46,18 +46,27 @@ def test_bad_init_is_one_clear_error(tmp_path, rng, init, capsys):
 def test_priors_noise_model_and_contrast_train(tmp_path, rng):
     """Every prior, the coloured-noise likelihood and the contrast scales together: the fit still
     explains the images (at SNR 10 the noise floor of the normalised loss is about 1/11 of the
-    images' variance, so a working fit more than halves its starting loss)."""
+    images' variance, so a working fit more than halves its starting loss), and its map is as close
+    to the truth as the plain fit's from the same start and data order.
+
+    After 3 epochs of 64 images both reach correlations of 0.86–0.96 depending on the random
+    mixture; with the options on, the correlation was within 0.01 of the plain fit's over 9 seeds,
+    so 0.03 below it is the bound (an absolute 0.9 failed for a third of the mixtures, plain fits
+    included)."""
     files = tiny_dataset(tmp_path / "data", rng, n_particles=64, box=24, snr=10.0)
     particles = load_particles(files["star"])
-    config = default_config(particles, epochs=3, batch_size=16, n_gaussians=40, noise="coloured", contrast=True,
-                            reg_repulsion=0.1, reg_scale=0.1, reg_tv=0.01, reg_smooth=0.01)
-    trainer = run_training(particles, config, tmp_path / "run", progress=False)
-    losses = np.array(trainer.losses)
-    assert np.isfinite(losses).all() and losses[-4:].mean() < 0.5 * losses[0]
     ref, _ = read_mrc(files["map"])
-    metrics, _, _ = compare_maps(trainer.volume(), ref, particles.pixel_size)
-    print(metrics["correlation"])
-    assert metrics["correlation"] > 0.9
+    correlation = {}
+    for options in (False, True):
+        extra = dict(noise="coloured", contrast=True, reg_repulsion=0.1, reg_scale=0.1, reg_tv=0.01,
+                     reg_smooth=0.01) if options else {}
+        config = default_config(particles, epochs=3, batch_size=16, n_gaussians=40, **extra)
+        trainer = run_training(particles, config, tmp_path / f"run{options}", progress=False)
+        losses = np.array(trainer.losses)
+        assert np.isfinite(losses).all() and losses[-4:].mean() < 0.5 * losses[0]
+        correlation[options] = compare_maps(trainer.volume(), ref, particles.pixel_size)[0]["correlation"]
+    assert correlation[True] > correlation[False] - 0.03, correlation
+    assert correlation[False] > 0.8, correlation
 
 
 def test_density_control_runs_and_a_changed_n_resumes(tmp_path, rng):

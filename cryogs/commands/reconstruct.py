@@ -64,7 +64,7 @@ def add_args(parser):
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
     parser.add_argument("--densify", action="store_true",
                         help="adaptive density control: split, clone and prune Gaussians during the first half of "
-                             "the steps (off by default: on the quality benchmark it pruned too much, see "
+                             "the steps (off by default: on the quality benchmark it tied with a fixed N, see "
                              "benchmarks/QUALITY.md)")
     parser.add_argument("--noise", choices=["white", "coloured"], default=None,
                         help="noise model: 'white' (plain squared error) or 'coloured' (whitened by the noise "
