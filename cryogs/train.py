@@ -15,8 +15,8 @@ from .ctf import apply_ctf, compute_ctf
 from .densify import DensifyConfig, DensityControl
 from .distributed import Group
 from .errors import CryogsError
-from .fourier import crop_half_spectrum, fourier_crop_tensor
 from .figures import plot_gaussians, plot_loss, plot_montage, plot_slices
+from .fourier import crop_half_spectrum, fourier_crop_tensor
 from .model import GaussianModel
 from .mrc import write_mrc
 from .noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, whitening_filter
