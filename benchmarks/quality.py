@@ -80,6 +80,11 @@ def run_one(method: str, variant: str, data: Path, out: Path, device: str) -> di
             "n_gaussians": m.get("n_gaussians")}
 
 
+def _row_order(r: dict) -> tuple:
+    """Table order: particle count, SNR from high to low, backprojection, cryogs default, variants."""
+    return r["n_images"], -r["snr"], r["method"] != "backproject", r["variant"] != "default", r["variant"]
+
+
 def markdown(rows: list[dict], device: str) -> str:
     lines = [f"Device: {device}. FSC in Å (lower is better); Nyquist is {rows[0]['nyquist_angstrom']:.2f} Å.", "",
              "| images | SNR | method | variant | FSC vs truth @0.5 | half-map FSC @0.143 | wall s |",
@@ -118,7 +123,7 @@ def main() -> None:
                            nyquist_angstrom=2 * args.apix)
                 key = (n, snr, method, variant)
                 rows = [r for r in rows if (r["n_images"], r["snr"], r["method"], r["variant"]) != key] + [row]
-                rows.sort(key=lambda r: (r["n_images"], -r["snr"], r["method"] != "backproject", r["variant"] != "default", r["variant"]))
+                rows.sort(key=_row_order)
                 print(json.dumps(row), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"device": name, "model": MODEL.name, "rows": rows}, indent=1))
