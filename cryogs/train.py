@@ -112,13 +112,18 @@ def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) 
     return radius, total
 
 
-def default_config(particles: ParticleSet, **overrides) -> TrainConfig:
-    """A configuration that works without tuning, derived from box, pixel size and particle count."""
+def default_config(particles: ParticleSet, *, images_per_model: int | None = None, **overrides) -> TrainConfig:
+    """A configuration that works without tuning, derived from box, pixel size and particle count.
+
+    The epoch count gives each model about 20,000 image visits (at least 4 epochs, at most 40);
+    ``images_per_model`` is how many particles one model trains on when that is not all of them
+    (half of them for gold-standard half maps).
+    """
     radius, mass = estimate_extent(particles)
     p = particles.pixel_size
     volume = 4 / 3 * math.pi * radius ** 3
     n_gaussians = int(np.clip(round(0.5 * volume / (2 * p) ** 3), 50, 20000))
-    epochs = int(np.clip(math.ceil(20000 / len(particles)), 4, 40))
+    epochs = int(np.clip(math.ceil(20000 / (images_per_model or len(particles))), 4, 40))
     cfg = TrainConfig(n_gaussians=n_gaussians, epochs=epochs, init_radius=0.8 * radius,
                       init_scale=1.5 * p, total_mass=mass)
     for k, v in overrides.items():

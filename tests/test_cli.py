@@ -149,3 +149,33 @@ def test_half_maps_resume_when_the_second_half_never_checkpointed(tmp_path, data
     assert res.returncode == 0, res.stderr
     assert "starting it afresh" in res.stdout and (out / "map.mrc").exists()
     assert len((out / "half1" / "command.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("half_maps", [False, True])
+def test_default_epochs_give_each_model_about_20000_images(tmp_path, monkeypatch, half_maps):
+    """With --half-maps each half is a model trained on half the particles, so it gets twice the epochs."""
+    import cryogs.gold_standard
+    import cryogs.train
+    from cryogs.cli import main
+
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    model = GaussianModel(torch.randn(5, 3, generator=gen) * 4, torch.randn(5, 4, generator=gen),
+                          torch.full((5, 3), 2.5), torch.ones(5))
+    n = int(torch.randint(1100, 9000, (1,), generator=gen))  # where the 4-epoch floor and 40-epoch cap do not bind
+    files = write_dataset(tmp_path / "data", model, simulate_stack(model, n, box_size=16, pixel_size=2.0, seed=1),
+                          box_size=16, pixel_size=2.0)
+
+    class Captured(Exception):
+        pass
+
+    def capture(particles, config, *args, **kwargs):
+        raise Captured(config)
+
+    monkeypatch.setattr(cryogs.gold_standard, "run_half_maps", capture)
+    monkeypatch.setattr(cryogs.train, "run_training", capture)
+    with pytest.raises(Captured) as got:
+        main(["reconstruct", str(files["star"]), "--out", str(tmp_path / "run"), "--no-progress"]
+             + ["--half-maps"] * half_maps)
+    per_model = n // 2 if half_maps else n
+    epochs = got.value.args[0].epochs
+    assert epochs * per_model >= 20000 > (epochs - 1) * per_model, (n, epochs)

@@ -48,7 +48,9 @@ def add_args(parser):
     parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
     parser.add_argument("--gaussians", "-n", type=int, default=None,
                         help="number of Gaussians (default: from the particle volume)")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the particles (default: from count)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the particles (default: about 20,000 images per model, 4 to 40 epochs; "
+                        "with --half-maps each half is a model)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32)")
     parser.add_argument("--lr-means", type=float, default=None, help="initial step for the centres, Å (default: 0.5 px)")
     parser.add_argument("--lr-scales", type=float, default=None, help="initial step for the log-scales (default: 0.02)")
@@ -171,7 +173,8 @@ def main(args):
                   "from this command line")
     else:
         config = default_config(
-            particles, n_gaussians=args.gaussians, epochs=args.epochs, batch_size=args.batch_size,
+            particles, images_per_model=len(particles) // 2 if args.half_maps else None,
+            n_gaussians=args.gaussians, epochs=args.epochs, batch_size=args.batch_size,
             lr_means=args.lr_means, lr_scales=args.lr_scales, lr_quats=args.lr_quats,
             lr_amplitudes=args.lr_amplitudes, seed=args.seed, device=str(device), backend=args.backend,
             max_gaussians=args.max_gaussians, noise=args.noise, reg_repulsion=args.reg_repulsion,
