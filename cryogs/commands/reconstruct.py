@@ -14,8 +14,9 @@ The CTF of every particle (RELION's formula and sign) is applied to the rendered
 STAR file has defocus columns; particles without them are reconstructed without a CTF.
 
 Defaults follow from the data: the particle radius and mass are estimated from the mean image,
-the number of Gaussians from the particle volume, and the epochs from the particle count. Density
-control (--densify) and the priors (--reg-*) are off unless asked for.
+the number of Gaussians from the particle volume, and the epochs from the number of particles each
+model trains on (all, or each half with --half-maps). Density control (--densify) and the priors
+(--reg-*) are off unless asked for.
 
 Several GPUs: --gpus K relaunches under torchrun; or run 'torchrun --nproc_per_node=K -m cryogs
 reconstruct ...' yourself (on CPUs it uses gloo). Each process reads its share of every batch;
