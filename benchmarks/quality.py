@@ -38,6 +38,7 @@ VARIANTS = {
     "coarse": ["--coarse", "0.3"],
     "more-gaussians": ["--gaussians", "3500"],  # ≈ one per atom of the ADK model (3,317 with hydrogens)
     "epochs-10": ["--epochs", "10"],  # the earlier default at 2k images: 10k image visits per half model
+    "more-gaussians-epochs-10": ["--gaussians", "3500", "--epochs", "10"],
     "repulsion": ["--reg-repulsion", "1.0"],
     "scale-prior": ["--reg-scale", "1.0"],
     "tv": ["--reg-tv", "1.0"],
