@@ -161,7 +161,7 @@ def test_default_epochs_give_each_model_about_20000_images(tmp_path, monkeypatch
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     model = GaussianModel(torch.randn(5, 3, generator=gen) * 4, torch.randn(5, 4, generator=gen),
                           torch.full((5, 3), 2.5), torch.ones(5))
-    n = int(torch.randint(1100, 9000, (1,), generator=gen))  # where the 4-epoch floor and 40-epoch cap do not bind
+    n = int(torch.randint(1100, 6667, (1,), generator=gen))  # where neither the 4-epoch floor nor the 40-epoch cap binds
     files = write_dataset(tmp_path / "data", model, simulate_stack(model, n, box_size=16, pixel_size=2.0, seed=1),
                           box_size=16, pixel_size=2.0)
 
