@@ -109,7 +109,8 @@ def add_args(parser):
     parser.add_argument("--half-maps", action="store_true",
                         help="gold standard: fit two independent half-set models (split by rlnRandomSubset when "
                              "present, else at random), write half1.mrc, half2.mrc and their average map.mrc, and "
-                             "report the half-map FSC at 0.143 with a soft spherical mask")
+                             "report the half-map FSC at 0.143 with a soft spherical mask (for a Gaussian model it "
+                             "measures reproducibility and overstates the resolution; see benchmarks/QUALITY.md)")
     parser.add_argument("--mask-radius", type=float, default=None,
                         help="radius in Å of the soft spherical mask for the half-map FSC (default: particle "
                              "radius estimated from the images, plus 4 pixels)")
