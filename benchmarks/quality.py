@@ -6,7 +6,8 @@ particles; each reports the FSC against the ground-truth map at 0.5 and the gold
 half-map FSC at 0.143 (soft spherical mask), in Å, with its wall time and device.
 
 Variants (``--variants``) rerun cryogs with one setting changed, to measure what each prior, the
-noise model, density control and pose refinement do.
+noise model, density control and the initialisation do; ``init-backproject`` starts from the same
+grid point's backprojection map, so that must have run (its time is not included).
 
 Examples:
   python benchmarks/quality.py --grid cpu                  # 2k images, box 64, SNR ∞ / 1 / 0.1
@@ -44,6 +45,7 @@ VARIANTS = {
     "tv": ["--reg-tv", "1.0"],
     "smooth": ["--reg-smooth", "1.0"],
     "coloured": ["--noise", "coloured", "--contrast"],
+    "init-backproject": ["--init", "map", "{backproject_map}"],  # the same grid point's backprojection
 }
 
 
@@ -67,14 +69,21 @@ def simulate(work: Path, n: int, snr: float, box: int, apix: float, seed: int) -
     return folder
 
 
-def run_one(method: str, variant: str, data: Path, out: Path, device: str) -> dict:
+def run_dir(work: Path, n: int, snr: float, method: str, variant: str) -> Path:
+    return work / f"run_n{n}_snr{snr:g}_{method}_{variant}"
+
+
+def run_one(method: str, variant: str, data: Path, out: Path, device: str, backproject_map: Path) -> dict:
+    options = [a.format(backproject_map=backproject_map) for a in VARIANTS.get(variant, [])]
+    if "--init" in options and not backproject_map.exists():
+        raise SystemExit(f"variant {variant} starts from {backproject_map}: run backprojection at this point first")
     shutil.rmtree(out, ignore_errors=True)
     common = [str(data / "particles.star"), "--out", str(out), "--reference", str(data / "gt_map.mrc"),
               "--device", device, "--no-progress"]
     if method == "backproject":
         wall = _run(["backproject", *common])
     else:
-        wall = _run(["reconstruct", *common, "--half-maps", *VARIANTS[variant]])
+        wall = _run(["reconstruct", *common, "--half-maps", *options])
     m = json.loads((out / "metrics.json").read_text())
     return {"method": method, "variant": variant, "fsc_ref_0.5_angstrom": m["fsc_0.5_angstrom"],
             "fsc_half_0.143_angstrom": m["fsc_half_0.143_angstrom"],
@@ -121,7 +130,8 @@ def main() -> None:
             data = simulate(args.work, n, snr, args.box, args.apix, seed=n)
             runs = [] if args.no_default else [("backproject", "-"), ("cryogs", "default")]
             for method, variant in runs + [("cryogs", v) for v in args.variants]:
-                row = run_one(method, variant, data, args.work / f"run_n{n}_snr{snr:g}_{method}_{variant}", args.device)
+                row = run_one(method, variant, data, run_dir(args.work, n, snr, method, variant), args.device,
+                              backproject_map=run_dir(args.work, n, snr, "backproject", "-") / "map.mrc")
                 row.update(n_images=n, snr=snr, box=args.box, pixel_size=args.apix, device=name,
                            nyquist_angstrom=2 * args.apix)
                 key = (n, snr, method, variant)

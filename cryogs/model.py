@@ -120,32 +120,42 @@ class GaussianModel(nn.Module):
                    np.sqrt(np.clip(evals, 1e-6, None)), np.asarray(mass))
 
     @classmethod
-    def from_map(cls, volume: np.ndarray, pixel_size: float, n: int, *, scale: float | None = None) -> GaussianModel:
-        """Up to ``n`` isotropic Gaussians at the highest local maxima of a ``V[z,y,x]`` map.
+    def from_map(cls, volume: np.ndarray, pixel_size: float, n: int, *, scale: float | None = None,
+                 seed: int = 0) -> GaussianModel:
+        """``n`` isotropic Gaussians placed on a ``V[z,y,x]`` map: at its highest local maxima, and,
+        when it has fewer than ``n`` of them, at voxels drawn with probability ∝ its positive density.
 
-        ``volume`` is mass per voxel on the cryogs grid (centre at D//2). Amplitudes are set from
-        each peak's height and then rescaled so the model's mass equals the map's positive mass.
+        A map at 3 Å has far fewer maxima than the Gaussians it takes to fit it (314 for a
+        1,775-Gaussian ADK model); the drawn voxels fill the rest where the mass is, jittered within
+        their voxel so no two coincide. ``volume`` is mass per voxel on the cryogs grid (centre at
+        D//2), smoothed by ``scale`` (default one voxel), which is also every Gaussian's σ. Each
+        amplitude follows the smoothed map's height at its centre; all are then rescaled so the
+        model's mass equals the map's positive mass.
         """
         from scipy.ndimage import gaussian_filter, maximum_filter
 
         if volume.ndim != 3 or len(set(volume.shape)) != 1:
             raise CryogsError(f"the map must be a cube, got shape {volume.shape}")
+        if n <= 0:
+            raise CryogsError(f"the number of Gaussians must be positive, got {n}")
         sigma_vox = 1.0 if scale is None else scale / pixel_size
         smooth = gaussian_filter(volume.astype(np.float64), sigma_vox)
+        positive = np.clip(smooth, 0, None)
+        if not positive.any():
+            raise CryogsError("the map has no positive density to place Gaussians on")
         peaks = (smooth == maximum_filter(smooth, size=3)) & (smooth > 0)
-        zyx = np.argwhere(peaks)
-        if len(zyx) == 0:
-            raise CryogsError("the map has no positive peaks to place Gaussians on")
-        heights = smooth[peaks]
-        order = np.argsort(-heights)[:n]
-        zyx, heights = zyx[order], heights[order]
+        zyx = np.argwhere(peaks)[np.argsort(-smooth[peaks])[:n]].astype(np.float64)
+        rng = np.random.default_rng(seed)
+        drawn = rng.choice(positive.size, n - len(zyx), p=(positive / positive.sum()).ravel())
+        heights = np.concatenate([smooth[tuple(zyx.astype(int).T)], positive.ravel()[drawn]])
+        drawn_zyx = np.stack(np.unravel_index(drawn, smooth.shape), 1) + rng.uniform(-0.5, 0.5, (len(drawn), 3))
+        zyx = np.concatenate([zyx, drawn_zyx])
         c = volume.shape[0] // 2
         means = (zyx[:, ::-1] - c) * pixel_size
-        s = sigma_vox * pixel_size
         amps = heights * (2 * math.pi) ** 1.5 * sigma_vox ** 3
         amps *= np.clip(volume, 0, None).sum() / amps.sum()
-        quats = np.tile([1.0, 0.0, 0.0, 0.0], (len(amps), 1))
-        return cls(means, quats, np.full((len(amps), 3), s), amps)
+        quats = np.tile([1.0, 0.0, 0.0, 0.0], (n, 1))
+        return cls(means, quats, np.full((n, 3), sigma_vox * pixel_size), amps)
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:

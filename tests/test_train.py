@@ -130,6 +130,37 @@ def test_model_from_map_peaks(rng):
     assert model.arrays()["amplitudes"].sum() == pytest.approx(vol.sum(), rel=1e-5)
 
 
+def test_model_from_map_fills_up_to_n_where_the_mass_is(rng):
+    """A map with fewer maxima than n: the peaks come first, the rest are drawn ∝ density, so a
+    cluster with 4× the mass gets more of the Gaussians (4:1 expected) and none land in empty space."""
+    from cryogs import voxelize
+
+    r = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    D, p, sigma = 32, 2.0, 2.0
+    direction = r.normal(size=3)
+    offset = np.round(9.0 * direction / np.linalg.norm(direction) / p) * p  # on the grid, ~18 Å apart
+    means = torch.tensor(np.stack([offset, -offset]), dtype=torch.float32)
+    mass = torch.tensor([1.0, 4.0]) * float(r.uniform(1, 10))
+    truth = GaussianModel(means, torch.tensor([[1.0, 0, 0, 0]] * 2), torch.full((2, 3), sigma), mass)
+    vol = voxelize(*[t.detach() for t in truth()], box_size=D, pixel_size=p).numpy()
+    n, seed = int(r.integers(40, 80)), int(r.integers(1 << 30))
+    model = GaussianModel.from_map(vol, p, n, seed=seed)
+    found = model.arrays()
+    assert len(model) == n
+    nearest = np.linalg.norm(found["means"][:2, None] - means.numpy()[None], axis=-1).min(1)
+    assert (nearest < 1e-3).all()  # the two peaks first
+    dist = np.linalg.norm(found["means"][:, None] - means.numpy()[None], axis=-1)
+    # the smoothed map has σ = √(σ² + 1 voxel²); drawn voxels are jittered by up to √3/2 voxel
+    assert dist.min(1).max() < 5 * math.hypot(sigma, p) + math.sqrt(3) / 2 * p
+    counts = np.bincount(dist.argmin(1), minlength=2)
+    assert counts[1] > counts[0] > 0  # expected 4:1 of n − 2 draws; a tie or worse is a > 4σ event
+    assert found["amplitudes"].sum() == pytest.approx(np.clip(vol, 0, None).sum(), rel=1e-5)
+    again = GaussianModel.from_map(vol, p, n, seed=seed).arrays()["means"]
+    other = GaussianModel.from_map(vol, p, n, seed=seed + 1).arrays()["means"]
+    np.testing.assert_array_equal(again, found["means"])
+    assert not np.allclose(other, found["means"])
+
+
 def test_half_split_uses_random_subset_when_it_has_both_halves(tmp_path, rng):
     from cryogs.gold_standard import half_split
 

@@ -60,8 +60,9 @@ def add_args(parser):
                         help="initial step for the log-amplitudes (default: 0.03)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation and order (default: 0)")
     parser.add_argument("--init", nargs="+", default=["random"], metavar="KIND [FILE]",
-                        help="initial Gaussians: 'random' (inside the particle sphere), 'map MAP' (at the peaks of a "
-                             "map, e.g. from 'cryogs backproject'; --gaussians of them) or 'pdb MODEL' (one per "
+                        help="initial Gaussians: 'random' (inside the particle sphere), 'map MAP' (--gaussians of them "
+                             "on a map, e.g. from 'cryogs backproject': at its peaks, the rest drawn where its "
+                             "density is) or 'pdb MODEL' (one per "
                              "residue of a PDB/mmCIF model, mass centre at the box centre) (default: random)")
     parser.add_argument("--max-gaussians", type=int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
@@ -143,7 +144,7 @@ def _initial_model(args, particles, n_gaussians):
     volume, voxel = read_mrc(path)
     if not (min(voxel) > 0 and np.allclose(voxel, voxel[0], rtol=1e-4)):
         raise CryogsError(f"--init map: {path} needs one positive voxel size on all axes, its header gives {voxel}")
-    return GaussianModel.from_map(volume, float(voxel[0]), n_gaussians)
+    return GaussianModel.from_map(volume, float(voxel[0]), n_gaussians, seed=args.seed or 0)
 
 
 def main(args):
