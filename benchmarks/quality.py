@@ -13,6 +13,7 @@ Examples:
   python benchmarks/quality.py --grid cpu                  # 2k images, box 64, SNR ∞ / 1 / 0.1
   python benchmarks/quality.py --grid full --device cuda   # 2k / 10k / 50k images
   python benchmarks/quality.py --grid cpu --variants densify repulsion tv coloured --snr 0.1 --no-default
+  python benchmarks/quality.py --images 50000 --methods backproject
 
 Rows are merged into the results file: a rerun replaces the rows it repeats and keeps the others.
 """
@@ -117,6 +118,9 @@ def main() -> None:
                     help="extra cryogs variants to run at every grid point besides the default")
     ap.add_argument("--no-default", action="store_true",
                     help="run only the --variants, not backprojection and the default cryogs")
+    ap.add_argument("--methods", nargs="+", choices=["backproject", "cryogs"], default=["backproject", "cryogs"],
+                    help="which of the two baseline rows to run (default: both); e.g. backproject alone where "
+                         "cryogs would take hours")
     ap.add_argument("--box", type=int, default=64, help="box size in pixels (default: 64)")
     ap.add_argument("--apix", type=float, default=1.5, help="pixel size in Å (default: 1.5)")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -128,7 +132,7 @@ def main() -> None:
     for n in args.images or GRIDS[args.grid]:
         for snr in args.snr:
             data = simulate(args.work, n, snr, args.box, args.apix, seed=n)
-            runs = [] if args.no_default else [("backproject", "-"), ("cryogs", "default")]
+            runs = [] if args.no_default else [(m, "-" if m == "backproject" else "default") for m in args.methods]
             for method, variant in runs + [("cryogs", v) for v in args.variants]:
                 row = run_one(method, variant, data, run_dir(args.work, n, snr, method, variant), args.device,
                               backproject_map=run_dir(args.work, n, snr, "backproject", "-") / "map.mrc")
