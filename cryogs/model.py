@@ -144,12 +144,13 @@ class GaussianModel(nn.Module):
         if not positive.any():
             raise CryogsError("the map has no positive density to place Gaussians on")
         peaks = (smooth == maximum_filter(smooth, size=3)) & (smooth > 0)
-        zyx = np.argwhere(peaks)[np.argsort(-smooth[peaks])[:n]].astype(np.float64)
+        highest = np.flatnonzero(peaks)[np.argsort(-smooth[peaks])[:n]]  # flat indices, C order like smooth[peaks]
         rng = np.random.default_rng(seed)
-        drawn = rng.choice(positive.size, n - len(zyx), p=(positive / positive.sum()).ravel())
-        heights = np.concatenate([smooth[tuple(zyx.astype(int).T)], positive.ravel()[drawn]])
-        drawn_zyx = np.stack(np.unravel_index(drawn, smooth.shape), 1) + rng.uniform(-0.5, 0.5, (len(drawn), 3))
-        zyx = np.concatenate([zyx, drawn_zyx])
+        drawn = rng.choice(positive.size, n - len(highest), p=(positive / positive.sum()).ravel())
+        index = np.concatenate([highest, drawn])
+        heights = positive.ravel()[index]
+        zyx = np.stack(np.unravel_index(index, smooth.shape), 1).astype(np.float64)
+        zyx[len(highest):] += rng.uniform(-0.5, 0.5, (len(drawn), 3))
         c = volume.shape[0] // 2
         means = (zyx[:, ::-1] - c) * pixel_size
         amps = heights * (2 * math.pi) ** 1.5 * sigma_vox ** 3
