@@ -75,8 +75,8 @@ def run_dir(work: Path, n: int, snr: float, method: str, variant: str) -> Path:
 
 
 def run_one(method: str, variant: str, data: Path, out: Path, device: str, backproject_map: Path) -> dict:
-    options = [a.format(backproject_map=backproject_map) for a in VARIANTS.get(variant, [])]
-    if "--init" in options and not backproject_map.exists():
+    template = VARIANTS.get(variant, [])
+    if "{backproject_map}" in template and not backproject_map.exists():
         raise SystemExit(f"variant {variant} starts from {backproject_map}: run backprojection at this point first")
     shutil.rmtree(out, ignore_errors=True)
     common = [str(data / "particles.star"), "--out", str(out), "--reference", str(data / "gt_map.mrc"),
@@ -84,7 +84,8 @@ def run_one(method: str, variant: str, data: Path, out: Path, device: str, backp
     if method == "backproject":
         wall = _run(["backproject", *common])
     else:
-        wall = _run(["reconstruct", *common, "--half-maps", *options])
+        wall = _run(["reconstruct", *common, "--half-maps",
+                     *(a.format(backproject_map=backproject_map) for a in template)])
     m = json.loads((out / "metrics.json").read_text())
     return {"method": method, "variant": variant, "fsc_ref_0.5_angstrom": m["fsc_0.5_angstrom"],
             "fsc_half_0.143_angstrom": m["fsc_half_0.143_angstrom"],
