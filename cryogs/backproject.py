@@ -74,7 +74,7 @@ from .errors import CryogsError
 from .particles import ParticleSet
 
 __all__ = ["PADDING", "FourierSums", "accumulate", "reconstruct", "shell_mean_weight", "wiener_from_fsc",
-           "backproject", "run_backproject"]
+           "backproject", "regularised_backprojection", "run_backproject"]
 
 PADDING = 2
 WEIGHT_FLOOR = 1e-3  # fraction of a shell's mean weight below which an unregularised weight is not trusted
@@ -280,6 +280,35 @@ def backproject(particles: ParticleSet, indices=None, *, device="cpu", batch_siz
     return reconstruct(sums, wiener)
 
 
+def regularised_backprojection(particles: ParticleSet, *, seed: int = 0, device="cpu", batch_size: int = 64,
+                               progress: bool = False) -> np.ndarray:
+    """The Wiener-regularised map of all ``particles``, ``λ`` per shell from the FSC of their own two
+    halves (split by :func:`cryogs.gold_standard.half_split` with ``seed``): ``cryogs backproject``'s
+    map.mrc. ``reconstruct --init backproject`` calls it on each half-set, so the two half models
+    start from independent maps."""
+    _, sums, halves = _half_sums(particles, seed, device=device, batch_size=batch_size, progress=progress)
+    return reconstruct(sums[0] + sums[1], _wiener_from_halves(sums, halves, particles.pixel_size))
+
+
+def _half_sums(particles: ParticleSet, seed: int, **opts):
+    """``(idx1, idx2, how)``, the two halves' :class:`FourierSums` and their unregularised maps."""
+    from .gold_standard import half_split
+
+    if len(particles) < 2:
+        raise CryogsError(f"half maps need at least 2 particles, got {len(particles)}")
+    idx1, idx2, how = half_split(particles, seed)
+    sums = accumulate(particles, idx1, **opts), accumulate(particles, idx2, **opts)
+    return (idx1, idx2, how), sums, [reconstruct(s) for s in sums]  # unregularised: the FSC is the data's own
+
+
+def _wiener_from_halves(sums, halves, pixel_size: float) -> np.ndarray:
+    """Per-shell ``λ`` from the unmasked FSC of the unregularised half maps (:func:`wiener_from_fsc`)."""
+    from .fsc import fsc
+
+    _, unmasked = fsc(halves[0], halves[1], pixel_size=pixel_size)
+    return wiener_from_fsc(unmasked, 0.5 * (shell_mean_weight(sums[0]) + shell_mean_weight(sums[1])))
+
+
 def _default_mask_radius(particles: ParticleSet) -> float:
     """Particle radius estimated from the images plus 4 pixels, inside the box (Å), as ``reconstruct``."""
     from .train import estimate_extent
@@ -307,7 +336,6 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
     from .evaluate import compare_maps_files
     from .figures import plot_slices
     from .fsc import fsc, plot_fsc, resolution_at
-    from .gold_standard import half_split
     from .mrc import write_mrc
 
     out = Path(out_dir)
@@ -318,17 +346,11 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
     metrics = {"n_particles": len(particles), "box_size": D, "pixel_size_angstrom": p, "device": str(device),
                "map": "full-data reconstruction", "padding": PADDING}
     if half_maps:
-        if len(particles) < 2:
-            raise CryogsError(f"half maps need at least 2 particles, got {len(particles)}")
-        idx1, idx2, how = half_split(particles, seed)
-        sums1, sums2 = accumulate(particles, idx1, **opts), accumulate(particles, idx2, **opts)
-        halves = [reconstruct(sums1), reconstruct(sums2)]  # unregularised, so that the FSC is the data's own
+        (idx1, idx2, how), (sums1, sums2), halves = _half_sums(particles, seed, **opts)
         for k, half in enumerate(halves, start=1):
             write_mrc(out / f"half{k}.mrc", half, p)
         if wiener is None:
-            _, unmasked = fsc(halves[0], halves[1], pixel_size=p)
-            mean_half = 0.5 * (shell_mean_weight(sums1) + shell_mean_weight(sums2))
-            lam = wiener_from_fsc(unmasked, mean_half)
+            lam = _wiener_from_halves((sums1, sums2), halves, p)
             metrics["wiener"] = "per shell from the unmasked half-map FSC"
             metrics["wiener_per_shell"] = lam.tolist()
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +28,17 @@ def half_split(particles: ParticleSet, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def run_half_maps(particles: ParticleSet, config: TrainConfig, out_dir, *, resume=False, progress=True,
-                  command=None, mask_radius: float | None = None, initial: GaussianModel | None = None,
+                  command=None, mask_radius: float | None = None,
+                  initial: GaussianModel | Callable[[ParticleSet], GaussianModel] | None = None,
                   group: Group | None = None):
     """Train one model per half into ``out_dir/half1`` and ``out_dir/half2``; write ``half1.mrc``,
     ``half2.mrc``, ``map.mrc`` (their average) and the half-map FSC (soft spherical mask) to ``out_dir``.
 
     With two or more processes the halves train at the same time, each on half of the processes;
-    with one they train in turn. Returns ``(average map, metrics)`` on the main rank (the metrics
-    carry ``fsc_half_0.143_angstrom``), ``(None, {})`` elsewhere. Each half's own outputs (Gaussians,
-    figures, metrics, checkpoint) are in its subfolder.
+    with one they train in turn. A callable ``initial`` is called on each half's particles (e.g. its
+    own backprojection), so the halves stay independent. Returns ``(average map, metrics)`` on the
+    main rank (the metrics carry ``fsc_half_0.143_angstrom``), ``(None, {})`` elsewhere. Each half's
+    own outputs (Gaussians, figures, metrics, checkpoint) are in its subfolder.
     """
     group = group or Group()
     out = Path(out_dir)

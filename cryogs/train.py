@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from .pose_refine import PoseRefiner, perturb
 from .priors import map_prior, repulsion, scale_bounds
 from .projection import project, resolve_backend, voxelize
 from .streaming import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
+
+CHECKPOINT = "checkpoint.pt"  # in the run folder
+
 
 @dataclass
 class TrainConfig:
@@ -260,7 +264,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.out / CHECKPOINT
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue exactly here: model, optimizer, schedule, density control and pose
@@ -502,16 +506,22 @@ def write_refined_star(path, particles: ParticleSet, rotations, shifts) -> None:
 
 def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
                  progress: bool = True, command: str | None = None,
-                 initial: GaussianModel | None = None, group: Group | None = None) -> Trainer:
+                 initial: GaussianModel | Callable[[ParticleSet], GaussianModel] | None = None,
+                 group: Group | None = None) -> Trainer:
     """Train from ``initial`` (default: random in a sphere) and checkpoint into ``out_dir``.
 
+    ``initial`` may be a function of the particles trained on (e.g. a backprojection of them), called
+    only when the run starts afresh: a checkpoint to resume from replaces the start.
     Returns the finished trainer; call :meth:`Trainer.write_outputs` for the map and figures.
     """
     out = Path(out_dir)
+    resuming = resume and (out / CHECKPOINT).exists()
+    if initial is not None and not isinstance(initial, GaussianModel):  # a function of the particles
+        initial = None if resuming else initial(particles)
     trainer = Trainer(particles, config, out, progress=progress, initial=initial, group=group)
     if trainer.group.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    if resume and trainer.checkpoint_path.exists():
+    if resuming:
         trainer.resume()
     elif resume and trainer.group.is_main:
         print(f"note: no checkpoint in {out} yet (stopped during its first epoch); starting it afresh")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.backproject import accumulate, backproject, reconstruct, wiener_from_fsc
+from cryogs.backproject import accumulate, backproject, reconstruct, regularised_backprojection, wiener_from_fsc
 from cryogs.cli import main as cryogs_main
 from cryogs.conventions import random_rotations
 from cryogs.ctf import apply_ctf, compute_ctf
@@ -14,7 +14,7 @@ from cryogs.errors import CryogsError
 from cryogs.fsc import fsc
 from cryogs.model import GaussianModel
 from cryogs.mrc import write_mrc
-from cryogs.particles import ParticleSet
+from cryogs.particles import ParticleSet, load_particles
 from cryogs.projection import project, voxelize
 from cryogs.simulate import random_ctf_params, simulate_stack, write_dataset
 from helpers import random_mixture
@@ -190,6 +190,19 @@ def test_command_writes_half_maps_fsc_and_metrics(tmp_path, dataset):
     truth = mrcfile.read(dataset["map"])
     errors = {name: _relative_error(mrcfile.read(out / name), truth) for name in ("map.mrc", "half1.mrc", "half2.mrc")}
     assert errors["map.mrc"] < min(errors["half1.mrc"], errors["half2.mrc"]), errors
+
+
+def test_regularised_backprojection_is_the_commands_map(tmp_path, dataset):
+    """What ``reconstruct --init backproject`` starts from is the map ``cryogs backproject`` writes,
+    and it depends on the seed of the half split (the Wiener λ comes from that split's FSC)."""
+    out = tmp_path / "bp"
+    assert cryogs_main(["backproject", str(dataset["star"]), "--out", str(out), "--no-progress", "--device", "cpu",
+                        "--seed", "4"]) == 0
+    particles = load_particles(dataset["star"])
+    written = mrcfile.read(out / "map.mrc")
+    np.testing.assert_allclose(regularised_backprojection(particles, seed=4), written, rtol=0,
+                               atol=1e-5 * np.abs(written).max())
+    assert np.abs(regularised_backprojection(particles, seed=5) - written).max() > 1e-3 * np.abs(written).max()
 
 
 def test_command_without_half_maps_uses_the_constant_wiener(tmp_path, dataset):

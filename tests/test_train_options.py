@@ -34,7 +34,51 @@ def test_init_from_pdb_and_from_map(tmp_path, rng):
     assert _config(tmp_path / "map")["n_gaussians"] == 7 == len(GaussianModel.load(tmp_path / "map" / "gaussians.npz"))
 
 
-@pytest.mark.parametrize("init", [["pdb"], ["map", "a.mrc", "b.mrc"], ["random", "x"], ["mesh", "m.obj"]])
+def test_init_backproject_starts_each_half_from_its_own_particles(tmp_path, rng, monkeypatch):
+    """Gold standard: each half model starts on the backprojection of its own half-set, never of the
+    other half's images, and gets --gaussians Gaussians."""
+    from cryogs import backproject
+    from cryogs.gold_standard import half_split
+
+    files = tiny_dataset(tmp_path / "data", rng, n_particles=48, box=24)
+    particles = load_particles(files["star"])
+    seen = []
+
+    def recording(ps, **kwargs):
+        seen.append(ps.rotations.copy())
+        return original(ps, **kwargs)
+    original = backproject.regularised_backprojection
+    monkeypatch.setattr(backproject, "regularised_backprojection", recording)
+    out = tmp_path / "run"
+    assert cryogs(["reconstruct", str(files["star"]), "--out", str(out), "--init", "backproject", "--half-maps",
+                   "--gaussians", "9", "--epochs", "1", "--batch-size", "8", "--seed", "3", "--no-progress",
+                   "--device", "cpu"]) == 0
+    halves = half_split(particles, seed=3)[:2]
+    assert len(seen) == 2
+    for rotations, idx in zip(seen, halves):
+        np.testing.assert_array_equal(rotations, particles.rotations[idx])
+    for k in (1, 2):
+        assert _config(out / f"half{k}")["init"] == "backproject"
+        assert len(GaussianModel.load(out / f"half{k}" / "gaussians.npz")) == 9
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_init(tmp_path, rng):
+    """A run stopped before its first checkpoint restarts from the start it was asked for (here a map),
+    not from random Gaussians: it ends where an uninterrupted run ends."""
+    files = tiny_dataset(tmp_path / "data", rng, n_particles=32, box=24)
+    common = [str(files["star"]), "--init", "map", str(files["map"]), "--gaussians", "7", "--epochs", "1",
+              "--batch-size", "16", "--seed", "2", "--no-progress", "--device", "cpu"]
+    assert cryogs(["reconstruct", *common, "--out", str(tmp_path / "full")]) == 0
+    assert cryogs(["reconstruct", *common, "--out", str(tmp_path / "stopped")]) == 0
+    (tmp_path / "stopped" / "checkpoint.pt").unlink()  # as if killed before the first checkpoint
+    assert cryogs(["reconstruct", str(files["star"]), "--out", str(tmp_path / "stopped"), "--resume",
+                   "--no-progress", "--device", "cpu"]) == 0
+    full, resumed = (GaussianModel.load(tmp_path / d / "gaussians.npz") for d in ("full", "stopped"))
+    np.testing.assert_allclose(resumed.means.detach(), full.means.detach(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", [["pdb"], ["map", "a.mrc", "b.mrc"], ["random", "x"], ["mesh", "m.obj"],
+                                  ["backproject", "bp.mrc"]])
 def test_bad_init_is_one_clear_error(tmp_path, rng, init, capsys):
     files = tiny_dataset(tmp_path / "data", rng, n_particles=8, box=16)
     assert cryogs(["reconstruct", str(files["star"]), "--out", str(tmp_path / "o"), "--init", *init]) == 2

@@ -60,10 +60,12 @@ def add_args(parser):
                         help="initial step for the log-amplitudes (default: 0.03)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation and order (default: 0)")
     parser.add_argument("--init", nargs="+", default=["random"], metavar="KIND [FILE]",
-                        help="initial Gaussians: 'random' (inside the particle sphere), 'map MAP' (--gaussians of them "
-                             "on a map, e.g. from 'cryogs backproject': at its peaks, the rest drawn where its "
-                             "density is) or 'pdb MODEL' (one per "
-                             "residue of a PDB/mmCIF model, mass centre at the box centre) (default: random)")
+                        help="initial Gaussians: 'random' (inside the particle sphere), 'backproject' (on a "
+                             "Wiener-filtered backprojection of the particles, as 'cryogs backproject' makes; with "
+                             "--half-maps each half's own, so the halves stay independent), 'map MAP' (on a map "
+                             "file) or 'pdb MODEL' (one per residue of a PDB/mmCIF model, mass centre at the box "
+                             "centre). On a map: --gaussians of them, at its peaks and the rest drawn where its "
+                             "density is (default: random)")
     parser.add_argument("--max-gaussians", type=int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
     parser.add_argument("--densify", action="store_true",
@@ -124,27 +126,42 @@ def add_args(parser):
     add_compute_args(parser)
 
 
-def _initial_model(args, particles, n_gaussians):
-    """The starting Gaussians named by --init, or None for random ones."""
-    import numpy as np
-
+def _initial_model(words, n_gaussians: int, seed: int, device: str):
+    """The start named by --init ``words``: None for random Gaussians, else a function of the particle set
+    a model trains on (all particles, or one half with --half-maps), called only if no checkpoint
+    replaces the start."""
+    from cryogs.backproject import regularised_backprojection
     from cryogs.model import AtomSet, GaussianModel
-    from cryogs.mrc import read_mrc
 
-    kind, *rest = args.init
+    kind, *rest = words
     if kind == "random" and not rest:
         return None
+    if kind == "backproject" and not rest:  # each half from its own particles: the halves stay independent
+        return lambda ps: GaussianModel.from_map(regularised_backprojection(ps, seed=seed, device=device),
+                                                 ps.pixel_size, n_gaussians, seed=seed)
     if kind not in ("map", "pdb") or len(rest) != 1:
-        raise CryogsError(f"--init {' '.join(args.init)}: use 'random', 'map MAP' or 'pdb MODEL'")
+        raise CryogsError(f"--init {shlex.join(words)}: use 'random', 'backproject', 'map MAP' or 'pdb MODEL'")
     path = Path(rest[0])
-    if not path.exists():
-        raise CryogsError(f"--init {kind}: {path} does not exist")
-    if kind == "pdb":
-        return GaussianModel.from_atoms(AtomSet.read(path), per="residue", min_sigma=particles.pixel_size)
+
+    def start(ps):
+        if not path.exists():
+            raise CryogsError(f"--init {kind}: {path} does not exist")
+        if kind == "pdb":
+            return GaussianModel.from_atoms(AtomSet.read(path), per="residue", min_sigma=ps.pixel_size)
+        return GaussianModel.from_map(*_read_map(path), n_gaussians, seed=seed)
+    return start
+
+
+def _read_map(path):
+    """``(volume, voxel size)`` of an --init map, which must have one voxel size on all axes."""
+    import numpy as np
+
+    from cryogs.mrc import read_mrc
+
     volume, voxel = read_mrc(path)
     if not (min(voxel) > 0 and np.allclose(voxel, voxel[0], rtol=1e-4)):
         raise CryogsError(f"--init map: {path} needs one positive voxel size on all axes, its header gives {voxel}")
-    return GaussianModel.from_map(volume, float(voxel[0]), n_gaussians, seed=args.seed or 0)
+    return volume, float(voxel[0])
 
 
 def main(args):
@@ -165,7 +182,6 @@ def main(args):
     group, device = distributed.init(args.device)
     particles = load_particles_from_args(args)
     config_file = args.out / "config.json"
-    initial = None
     if args.resume:
         if not config_file.exists():
             raise CryogsError(f"--resume: no earlier run in {args.out} (missing {config_file})")
@@ -184,11 +200,12 @@ def main(args):
             reg_min_distance=args.reg_min_distance, reg_scale=args.reg_scale, reg_tv=args.reg_tv,
             reg_smooth=args.reg_smooth, refine_start=args.refine_start, lr_rotation=args.lr_rotation,
             lr_shift=args.lr_shift, pose_steps=args.pose_steps, checkpoint_every=args.checkpoint_every,
-            coarse=args.coarse, init=" ".join(args.init))
+            coarse=args.coarse, init=shlex.join(args.init))
         config.densify, config.contrast, config.refine_poses = args.densify, args.contrast, args.refine_poses
-        initial = _initial_model(args, particles, config.n_gaussians)
-        if initial is not None:
-            config.n_gaussians = len(initial)
+    initial = _initial_model(shlex.split(config.init), config.n_gaussians, config.seed, config.device)
+    if initial is not None and not args.resume and not config.init.startswith("backproject"):
+        initial = initial(particles)  # a file's start: read it now, to fail early and to know its N
+        config.n_gaussians = len(initial)
     if group.is_main:
         print(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
               f"{config.n_gaussians} Gaussians, {config.epochs} epochs on {config.device}"
