@@ -42,18 +42,28 @@ class Group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Give every rank the group's first rank's ``tensors``, in place (collective)."""
+        if self.size == 1:
+            return
+        for t in tensors:
+            dist.broadcast(t, src=self._first(), group=self.handle)
+
     def in_sync(self, tensors: list[torch.Tensor]) -> bool:
         """Whether every rank holds bitwise the same ``tensors`` as the group's first rank (collective)."""
         if self.size == 1:
             return True
-        first = dist.get_global_rank(self.handle, 0) if self.handle is not None else 0
         mismatch = torch.zeros(1, device=tensors[0].device)
         for t in tensors:
             theirs = t.detach().clone()
-            dist.broadcast(theirs, src=first, group=self.handle)
+            dist.broadcast(theirs, src=self._first(), group=self.handle)
             mismatch += float(not torch.equal(theirs, t.detach()))
         dist.all_reduce(mismatch, group=self.handle)
         return float(mismatch) == 0
+
+    def _first(self) -> int:
+        """The global rank of this group's first rank."""
+        return dist.get_global_rank(self.handle, 0) if self.handle is not None else 0
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -203,6 +203,8 @@ class Trainer:
                                            config.total_mass, seed=config.seed)
         config.n_gaussians = len(initial)
         self.model = GaussianModel.from_arrays(initial.arrays()).to(self.device)
+        with torch.no_grad():  # a start computed on each rank (e.g. a backprojection with GPU atomics) may differ
+            self.group.broadcast_([p.data for p in self.model.parameters()])
         self.optimizer = torch.optim.Adam([
             {"params": [self.model.means], "lr": config.lr_means or 0.5 * p},
             {"params": [self.model.log_scales], "lr": config.lr_scales},

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -66,3 +67,24 @@ def test_half_maps_train_on_separate_processes(tmp_path, rng):
     # each half trained as one process on its own particles
     for k in (1, 2):
         assert json.loads((out / f"half{k}" / "metrics.json").read_text())["processes"] == 1
+
+
+def test_broadcast_gives_each_group_its_first_ranks_tensors(tmp_path):
+    """What makes a start computed on every rank (which GPU atomics may round differently) the same on
+    all of them: in the whole world and in the half groups of --half-maps."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from cryogs import distributed
+        world, _ = distributed.init("cpu")
+        _, half = distributed.split_halves(world)
+        for group, first in ((world, 0), (half, 2 * (world.rank // 2))):
+            mine = torch.full((3,), float(world.rank) + 1)
+            assert not group.in_sync([mine])
+            group.broadcast_([mine])
+            assert torch.equal(mine, torch.full((3,), first + 1.0)), (world.rank, mine)
+            assert group.in_sync([mine])
+    """))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                          str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
