@@ -74,7 +74,8 @@ from .errors import CryogsError
 from .particles import ParticleSet
 
 __all__ = ["PADDING", "FourierSums", "accumulate", "reconstruct", "shell_mean_weight", "wiener_from_fsc",
-           "backproject", "regularised_backprojection", "run_backproject"]
+           "backproject", "regularised_backprojection", "gaussians_on_backprojection",
+           "run_backproject"]
 
 PADDING = 2
 WEIGHT_FLOOR = 1e-3  # fraction of a shell's mean weight below which an unregularised weight is not trusted
@@ -288,6 +289,18 @@ def regularised_backprojection(particles: ParticleSet, *, seed: int = 0, device=
     start from independent maps."""
     _, sums, halves = _half_sums(particles, seed, device=device, batch_size=batch_size, progress=progress)
     return reconstruct(sums[0] + sums[1], _wiener_from_halves(sums, halves, particles.pixel_size))
+
+
+def gaussians_on_backprojection(particles: ParticleSet, n: int, *, seed: int = 0, device="cpu"):
+    """``n`` Gaussians on :func:`regularised_backprojection` of ``particles``
+    (:meth:`cryogs.model.GaussianModel.from_map`, drawn with ``seed``): the default start of a fit."""
+    from .model import GaussianModel
+
+    if len(particles) < 2:  # its Wiener filter comes from the FSC of two halves
+        raise CryogsError(f"a start on the backprojection needs at least 2 particles per model, got "
+                          f"{len(particles)}: start from random Gaussians (--init random)")
+    volume = regularised_backprojection(particles, seed=seed, device=device)
+    return GaussianModel.from_map(volume, particles.pixel_size, n, seed=seed)
 
 
 def _half_sums(particles: ParticleSet, seed: int, **opts):

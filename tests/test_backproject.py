@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.backproject import accumulate, backproject, reconstruct, regularised_backprojection, wiener_from_fsc
+from cryogs.backproject import (accumulate, backproject, gaussians_on_backprojection, reconstruct,
+                               regularised_backprojection, wiener_from_fsc)
 from cryogs.cli import main as cryogs_main
 from cryogs.conventions import random_rotations
 from cryogs.ctf import apply_ctf, compute_ctf
@@ -203,6 +204,13 @@ def test_regularised_backprojection_is_the_commands_map(tmp_path, dataset):
     np.testing.assert_allclose(regularised_backprojection(particles, seed=4), written, rtol=0,
                                atol=1e-5 * np.abs(written).max())
     assert np.abs(regularised_backprojection(particles, seed=5) - written).max() > 1e-3 * np.abs(written).max()
+
+
+def test_start_on_the_backprojection_needs_two_particles(dataset):
+    particles = load_particles(dataset["star"])
+    assert len(gaussians_on_backprojection(particles.subset(np.arange(2)), 5)) == 5
+    with pytest.raises(CryogsError, match="--init random"):
+        gaussians_on_backprojection(particles.subset(np.arange(1)), 5)
 
 
 def test_command_without_half_maps_uses_the_constant_wiener(tmp_path, dataset):

@@ -34,9 +34,9 @@ def test_init_from_pdb_and_from_map(tmp_path, rng):
     assert _config(tmp_path / "map")["n_gaussians"] == 7 == len(GaussianModel.load(tmp_path / "map" / "gaussians.npz"))
 
 
-def test_init_backproject_starts_each_half_from_its_own_particles(tmp_path, rng, monkeypatch):
-    """Gold standard: each half model starts on the backprojection of its own half-set, never of the
-    other half's images, and gets --gaussians Gaussians."""
+def test_default_start_is_each_halfs_own_backprojection(tmp_path, rng, monkeypatch):
+    """By default (--init backproject) each half model starts on the backprojection of its own
+    half-set, never of the other half's images (gold standard), and gets --gaussians Gaussians."""
     from cryogs import backproject
     from cryogs.gold_standard import half_split
 
@@ -50,9 +50,8 @@ def test_init_backproject_starts_each_half_from_its_own_particles(tmp_path, rng,
     original = backproject.regularised_backprojection
     monkeypatch.setattr(backproject, "regularised_backprojection", recording)
     out = tmp_path / "run"
-    assert cryogs(["reconstruct", str(files["star"]), "--out", str(out), "--init", "backproject", "--half-maps",
-                   "--gaussians", "9", "--epochs", "1", "--batch-size", "8", "--seed", "3", "--no-progress",
-                   "--device", "cpu"]) == 0
+    assert cryogs(["reconstruct", str(files["star"]), "--out", str(out), "--half-maps", "--gaussians", "9",
+                   "--epochs", "1", "--batch-size", "8", "--seed", "3", "--no-progress", "--device", "cpu"]) == 0
     halves = half_split(particles, seed=3)[:2]
     assert len(seen) == 2
     for rotations, idx in zip(seen, halves):

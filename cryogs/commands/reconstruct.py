@@ -15,8 +15,9 @@ STAR file has defocus columns; particles without them are reconstructed without 
 
 Defaults follow from the data: the particle radius and mass are estimated from the mean image,
 the number of Gaussians from the particle volume, and the epochs from the number of particles each
-model trains on (all, or each half with --half-maps). Density control (--densify) and the priors
-(--reg-*) are off unless asked for.
+model trains on (all, or each half with --half-maps). Each model starts on the Wiener-filtered
+backprojection of its own particles (--init backproject), so the two halves stay independent.
+Density control (--densify) and the priors (--reg-*) are off unless asked for.
 
 Several GPUs: --gpus K relaunches under torchrun; or run 'torchrun --nproc_per_node=K -m cryogs
 reconstruct ...' yourself (on CPUs it uses gloo). Each process reads its share of every batch;
@@ -28,7 +29,7 @@ Examples:
   cryogs reconstruct particles.star --out run1 --datadir /data/Extract --gaussians 3000 --epochs 30
   cryogs reconstruct particles.star --out run1 --resume
   cryogs reconstruct particles.star --out run1 --half-maps --reference emd_1234.mrc
-  cryogs backproject particles.star --out bp && cryogs reconstruct particles.star --out run2 --init map bp/map.mrc
+  cryogs reconstruct particles.star --out run2 --init random --seed 7
   cryogs reconstruct particles.star --out run3 --init pdb model.cif --refine-poses --noise coloured --contrast
   cryogs reconstruct J24_particles.cs --out run4 --datadir /data/cryosparc/P12 --downsample 128 --gpus 4
   cryogs reconstruct particles.mrcs --poses pose.pkl --ctf ctf.pkl --ind keep.pkl --out run5
@@ -59,13 +60,14 @@ def add_args(parser):
     parser.add_argument("--lr-amplitudes", type=float, default=None,
                         help="initial step for the log-amplitudes (default: 0.03)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation and order (default: 0)")
-    parser.add_argument("--init", nargs="+", default=["random"], metavar="KIND [FILE]",
+    parser.add_argument("--init", nargs="+", default=["backproject"], metavar="KIND [FILE]",
                         help="initial Gaussians: 'random' (inside the particle sphere), 'backproject' (on a "
                              "Wiener-filtered backprojection of the particles, as 'cryogs backproject' makes; with "
                              "--half-maps each half's own, so the halves stay independent), 'map MAP' (on a map "
                              "file) or 'pdb MODEL' (one per residue of a PDB/mmCIF model, mass centre at the box "
                              "centre). On a map: --gaussians of them, at its peaks and the rest drawn where its "
-                             "density is (default: random)")
+                             "density is (default: backproject; it beat random at every point of "
+                             "benchmarks/QUALITY.md)")
     parser.add_argument("--max-gaussians", type=int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
     parser.add_argument("--densify", action="store_true",
@@ -130,15 +132,14 @@ def _initial_model(words, n_gaussians: int, seed: int, device: str):
     """The start named by --init ``words``: None for random Gaussians, else a function of the particle set
     a model trains on (all particles, or one half with --half-maps), called only if no checkpoint
     replaces the start."""
-    from cryogs.backproject import regularised_backprojection
+    from cryogs.backproject import gaussians_on_backprojection
     from cryogs.model import AtomSet, GaussianModel
 
     kind, *rest = words
     if kind == "random" and not rest:
         return None
     if kind == "backproject" and not rest:  # each half from its own particles: the halves stay independent
-        return lambda ps: GaussianModel.from_map(regularised_backprojection(ps, seed=seed, device=device),
-                                                 ps.pixel_size, n_gaussians, seed=seed)
+        return lambda ps: gaussians_on_backprojection(ps, n_gaussians, seed=seed, device=device)
     if kind not in ("map", "pdb") or len(rest) != 1:
         raise CryogsError(f"--init {shlex.join(words)}: use 'random', 'backproject', 'map MAP' or 'pdb MODEL'")
     path = Path(rest[0])
@@ -208,7 +209,7 @@ def main(args):
         config.n_gaussians = len(initial)
     if group.is_main:
         print(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
-              f"{config.n_gaussians} Gaussians, {config.epochs} epochs on {config.device}"
+              f"{config.n_gaussians} Gaussians (start: {config.init}), {config.epochs} epochs on {config.device}"
               + (f", {group.size} processes" if group.size > 1 else ""))
     command = shlex.join(["cryogs", *sys.argv[1:]])
     progress = not args.no_progress
