@@ -66,8 +66,8 @@ def add_args(parser):
                              "--half-maps each half's own, so the halves stay independent), 'map MAP' (on a map "
                              "file) or 'pdb MODEL' (one per residue of a PDB/mmCIF model, mass centre at the box "
                              "centre). On a map: --gaussians of them, at its peaks and the rest drawn where its "
-                             "density is (default: backproject; it beat random at every point of "
-                             "benchmarks/QUALITY.md)")
+                             "density is (default: backproject; better than random on the quality benchmark, "
+                             "see benchmarks/QUALITY.md)")
     parser.add_argument("--max-gaussians", type=int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
     parser.add_argument("--densify", action="store_true",
