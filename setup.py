@@ -1,4 +1,4 @@
-"""Builds cryogs, with the CUDA extension ``cryogs._C`` when torch is a CUDA build and nvcc is found.
+"""Builds cryogs, with the CUDA extension ``cryogs.render._C`` when torch is a CUDA build and nvcc is found.
 
 ``CRYOGS_BUILD_CUDA=1`` forces the extension (a build failure is an error), ``=0`` skips it; unset,
 it is built when it can be and skipped with one line otherwise (cryogs then uses the torch backend).
@@ -46,7 +46,7 @@ def cuda_extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     _say(f"building CUDA extension for sm_{', sm_'.join(archs)} with {CUDA_HOME}")
     ext = CUDAExtension(
-        name="cryogs._C",
+        name="cryogs.render._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],

@@ -1,12 +1,12 @@
 """Does streaming particles from disk keep up with training? Images/s of each, per box size.
 
 * Loading: a stack of ``--stack-mib`` MiB is written per box size, then read for one epoch of
-  batches through :func:`cryogs.streaming.make_loader`, for each ``--workers`` count:
+  batches through :func:`cryogs.io.loader.make_loader`, for each ``--workers`` count:
   cold-ish (a fresh loader after the stack is flushed and dropped from the page cache with
   ``posix_fadvise(DONTNEED)``; a virtual machine's host may still cache it, hence "-ish"), then
   warm (the same loader's second epoch, file in the page cache). On CUDA the batches are pinned
   and copied to the device (``non_blocking``), so the rate is images delivered to the GPU.
-  For reference, the preloaded path (:func:`cryogs.streaming.preload_images`, then indexing).
+  For reference, the preloaded path (:func:`cryogs.io.loader.preload_images`, then indexing).
 * Step: one training step (Γ by ``cryogs.project`` + CTF, squared-error loss, backward, Adam) on a
   model of the trainer's default size for a particle of radius 0.3·D pixels; backend torch
   (CPU), or cuda and torch (GPU). Timed alone, then fed by the loader (warm cache): the rate
@@ -35,20 +35,20 @@ import numpy as np
 import torch
 
 from cryogs import project
-from cryogs.conventions import random_rotations
-from cryogs.ctf import apply_ctf
-from cryogs.streaming import EpochSampler, make_loader, preload_images
-from cryogs.model import GaussianModel
-from cryogs.particles import load_particles, write_star
-from cryogs.projection import resolve_backend
+from cryogs.io.load import load_particles
+from cryogs.io.loader import EpochSampler, make_loader, preload_images
+from cryogs.io.star import write_star
+from cryogs.model.gaussians import GaussianModel
+from cryogs.physics.conventions import random_rotations
+from cryogs.physics.ctf import apply_ctf, particle_ctf
+from cryogs.render.project import resolve_backend
 from cryogs.simulate import random_ctf_params
-from cryogs.train import particle_ctf
 
 PIXEL_SIZE = 1.5  # Å; only the CTF depends on it
 
 
 def default_gaussians(D: int, radius_px: float) -> int:
-    """The trainer's default Gaussian count (cryogs.train.default_config) for a particle of this radius:
+    """The trainer's default Gaussian count (cryogs.reconstruct.fit.default_config) for a particle of this radius:
     half the sphere's volume in (2 px)³ cells, clipped to 50..20000."""
     return int(np.clip(round(0.5 * 4 / 3 * math.pi * radius_px ** 3 / 8), 50, 20000))
 

@@ -33,7 +33,7 @@ SIGMA_PX = 1.5
 def _inputs(B, D, N, device, seed=0):
     import torch
 
-    from cryogs.conventions import random_rotations
+    from cryogs.physics.conventions import random_rotations
 
     g = torch.Generator().manual_seed(seed)
     p = 1.0
@@ -52,7 +52,7 @@ def _evaluations(backend, params, B, D, N, p):
     """Gaussian-pixel evaluations the backend performs, and its instance count (CUDA tiles)."""
     import torch
 
-    from cryogs.gaussian_math import CUTOFF_SIGMA, preprocess
+    from cryogs.render.gaussian_math import CUTOFF_SIGMA, preprocess
 
     if backend == "dense":
         return B * N * D * D, None
@@ -61,7 +61,7 @@ def _evaluations(backend, params, B, D, N, p):
     if backend == "torch":
         half = torch.ceil(radii.amax(-1)).clamp(max=D - 1)
         return int(((2 * half + 1) ** 2)[w != 0].sum()), None
-    from cryogs.binning import TILE_SIZE, tile_counts, valid_pairs
+    from cryogs.render.binning import TILE_SIZE, tile_counts, valid_pairs
 
     instances = int(tile_counts(means2d, radii, D, valid=valid_pairs(conics)).sum())
     return instances * TILE_SIZE * TILE_SIZE, instances

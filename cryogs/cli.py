@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import CryogsError
+from cryogs.errors import CryogsError
 
 COMMANDS = {
     "simulate": "simulate particle images with known poses from a Gaussian or atomic model",

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .conventions import random_rotations
-from .ctf import apply_ctf, compute_ctf
-from .errors import CryogsError
-from .model import AtomSet, GaussianModel
-from .mrc import write_mrc
-from .particles import write_star
-from .projection import project, voxelize
+from cryogs.errors import CryogsError
+from cryogs.io.atoms import AtomSet
+from cryogs.io.mrc import write_mrc
+from cryogs.io.star import write_star
+from cryogs.model.gaussians import GaussianModel
+from cryogs.physics.conventions import random_rotations
+from cryogs.physics.ctf import apply_ctf, compute_ctf
+from cryogs.render.project import project, voxelize
 
 
 @dataclass
@@ -29,7 +30,7 @@ class SimulatedStack:
     shifts: np.ndarray  # [n, 2] RELION origins, Å
     noise_sigma: float
     signal_variance: float
-    ctf: dict | None = None  # RELION-unit CTF parameters per particle (cryogs.particles.CTF_KEYS)
+    ctf: dict | None = None  # RELION-unit CTF parameters per particle (cryogs.io.particles.CTF_KEYS)
 
 
 def random_ctf_params(n: int, defocus_range: tuple[float, float], *, voltage=300.0, cs=2.7,

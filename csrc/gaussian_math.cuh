@@ -4,7 +4,7 @@
 // twins in cpu_twins.cpp run the very same code in float64 and the tests can check it against
 // torch.autograd. Each forward sits next to its gradient (vector-Jacobian product, `v_` = dL/dx).
 //
-// Conventions (identical to cryogs/gaussian_math.py; see cryogs/conventions.py for the geometry):
+// Conventions (identical to cryogs/render/gaussian_math.py; see cryogs/physics/conventions.py for the geometry):
 //   u    = (A_b mu)_xy / p + D//2 - t_b / p                       2D centre in pixels (x, y)
 //   L    = R(q) diag(s)                                           3x3, row-major
 //   M    = A_b[:2] L / p                                          2x3, rows r0, r1 (pixels)
@@ -75,7 +75,7 @@ GM_HD bool is_finite(T x) {
 }
 
 // Correctly rounded add/sub/mul that the compiler may not fuse into an FMA: the tile rectangle must
-// come out bit-identical at every call site and in the PyTorch reference (cryogs/binning.py).
+// come out bit-identical at every call site and in the PyTorch reference (cryogs/render/binning.py).
 GM_HD float add_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(a, b);
@@ -395,7 +395,7 @@ GM_HD bool pair_backward_cov(const T A[9], const T L[9], T m, T p, const T v_con
 
 // ---------------------------------------------------------------------------------------------
 // Cutoff box and tile rectangle. The SAME functions are used by the count (preprocess), duplicate,
-// and rasterize-backward passes and mirrored exactly by cryogs/binning.py:
+// and rasterize-backward passes and mirrored exactly by cryogs/render/binning.py:
 //   rho = r * (1 + 2^-10) + 2^-10                 (each op correctly rounded, no FMA)
 //   lo  = max(ceil(u - rho), 0),  hi = min(floor(u + rho), D - 1)
 //   empty if lo > hi or either is NaN; otherwise pixels lo..hi (inclusive) on that axis.
@@ -541,7 +541,7 @@ GM_HD void finalize_moments(const PixelMoments<T>& mo, const T conic[3], T w, T 
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3D voxelisation (forward only): the maths of cryogs.reference.voxelize_splat.
+// 3D voxelisation (forward only): the maths of cryogs.render.reference.voxelize_splat.
 //   centre (voxels) c = mu / p + c0;  Sigma_vox = R diag(s^2) R^T / p^2
 //   q = d^T Sigma_vox^-1 d = sum_j ((R^T d)_j p / s_j)^2    (no matrix inverse, no cancellation)
 //   density = m / ((2 pi)^1.5 sqrt(det Sigma_vox)) = m p^3 / ((2 pi)^1.5 |s0 s1 s2|)

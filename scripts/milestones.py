@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from cryogs.evaluate import compare_maps
-from cryogs.gaussian_math import covariance_3d
-from cryogs.model import GaussianModel
-from cryogs.particles import load_particles
-from cryogs.projection import voxelize
+from cryogs.analysis.evaluate import compare_maps
+from cryogs.io.load import load_particles
+from cryogs.model.gaussians import GaussianModel
+from cryogs.reconstruct.config import default_config
+from cryogs.reconstruct.fit import run_training
+from cryogs.render.gaussian_math import covariance_3d
+from cryogs.render.project import voxelize
 from cryogs.simulate import simulate_stack, write_dataset
-from cryogs.train import default_config, run_training
 
 
 def ground_truth(n: int, seed: int) -> GaussianModel:
@@ -109,7 +110,7 @@ def main():
             stack = simulate_stack(truth, args.particles, box_size=args.box, pixel_size=args.apix, snr=snr,
                                    max_shift=2 * args.apix, seed=args.seed + 1)
             files = write_dataset(Path(tmp) / f"snr{snr}", truth, stack, box_size=args.box, pixel_size=args.apix)
-            from cryogs.mrc import read_mrc
+            from cryogs.io.mrc import read_mrc
 
             datasets[snr] = (load_particles(files["star"]), read_mrc(files["map"])[0])
 
@@ -134,7 +135,7 @@ def main():
 
 def write_markdown(args, rows):
     fmt = lambda v, f: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)  # noqa: E731
-    lines = [f"# Milestones 3 and 4 (synthetic, known poses)\n",
+    lines = ["# Milestones 3 and 4 (synthetic, known poses)\n",
              f"Ground truth: {args.n_gaussians} anisotropic Gaussians; {args.particles} images, box {args.box}, "
              f"{args.apix} Å/px (Nyquist {2 * args.apix:.1f} Å), random poses and shifts, white noise at the SNR "
              f"shown. Produced by `python scripts/milestones.py` on CPU.\n",

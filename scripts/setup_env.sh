@@ -22,4 +22,4 @@ if [ -z "${CRYOGS_BUILD_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOM
     export CRYOGS_BUILD_CUDA=1   # a toolkit is here: the extension must build
 fi
 python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
-python -c 'from cryogs import _extension; print(f"cryogs: CUDA extension {_extension.status()}")'
+python -c 'from cryogs.render import _extension; print(f"cryogs: CUDA extension {_extension.status()}")'

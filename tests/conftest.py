@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from cryogs import _extension
+from cryogs.render import _extension
 
 torch.set_default_dtype(torch.float32)
 

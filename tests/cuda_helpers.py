@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from cryogs import project
-from cryogs.gaussian_math import preprocess
+from cryogs.render.gaussian_math import preprocess
 
 from helpers import random_mixture, random_poses
 

@@ -1,7 +1,7 @@
 """Random Gaussian mixtures and poses shared by the tests."""
 import torch
 
-from cryogs.conventions import random_rotations
+from cryogs.physics.conventions import random_rotations
 
 
 def random_mixture(n, gen, *, spread=8.0, scale_range=(1.5, 4.0), dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""cryogs.backproject: direct Fourier inversion against cryogs.voxelize of the same Gaussians, and the command."""
+"""cryogs.reconstruct.backproject: direct Fourier inversion against cryogs.voxelize of the same Gaussians, and the command."""
 import json
 
 import mrcfile
@@ -6,18 +6,26 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.backproject import (accumulate, backproject, gaussians_on_backprojection, reconstruct,
-                               regularised_backprojection, wiener_from_fsc)
+from cryogs.analysis.fsc import fsc
 from cryogs.cli import main as cryogs_main
-from cryogs.conventions import random_rotations
-from cryogs.ctf import apply_ctf, compute_ctf
 from cryogs.errors import CryogsError
-from cryogs.fsc import fsc
-from cryogs.model import GaussianModel
-from cryogs.mrc import write_mrc
-from cryogs.particles import ParticleSet, load_particles
-from cryogs.projection import project, voxelize
+from cryogs.io.load import load_particles
+from cryogs.io.mrc import write_mrc
+from cryogs.io.particles import ParticleSet
+from cryogs.model.gaussians import GaussianModel
+from cryogs.physics.conventions import random_rotations
+from cryogs.physics.ctf import apply_ctf, compute_ctf
+from cryogs.reconstruct.backproject import (
+    accumulate,
+    backproject,
+    gaussians_on_backprojection,
+    reconstruct,
+    regularised_backprojection,
+    wiener_from_fsc,
+)
+from cryogs.render.project import project, voxelize
 from cryogs.simulate import random_ctf_params, simulate_stack, write_dataset
+
 from helpers import random_mixture
 
 D, P = 32, 1.5  # box (px) and pixel size (Å)

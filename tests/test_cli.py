@@ -10,7 +10,7 @@ import starfile
 import torch
 
 from cryogs.cli import COMMANDS
-from cryogs.model import GaussianModel
+from cryogs.model.gaussians import GaussianModel
 from cryogs.simulate import simulate_stack, write_dataset
 
 
@@ -154,8 +154,8 @@ def test_half_maps_resume_when_the_second_half_never_checkpointed(tmp_path, data
 @pytest.mark.parametrize("half_maps", [False, True])
 def test_default_epochs_give_each_model_about_20000_images(tmp_path, monkeypatch, half_maps):
     """With --half-maps each half is a model trained on half the particles, so it gets twice the epochs."""
-    import cryogs.gold_standard
-    import cryogs.train
+    import cryogs.reconstruct.fit
+    import cryogs.reconstruct.half_maps
     from cryogs.cli import main
 
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -171,8 +171,8 @@ def test_default_epochs_give_each_model_about_20000_images(tmp_path, monkeypatch
     def capture(particles, config, *args, **kwargs):
         raise Captured(config)
 
-    monkeypatch.setattr(cryogs.gold_standard, "run_half_maps", capture)
-    monkeypatch.setattr(cryogs.train, "run_training", capture)
+    monkeypatch.setattr(cryogs.reconstruct.half_maps, "run_half_maps", capture)
+    monkeypatch.setattr(cryogs.reconstruct.fit, "run_training", capture)
     with pytest.raises(Captured) as got:
         main(["reconstruct", str(files["star"]), "--out", str(tmp_path / "run"), "--no-progress"]
              + ["--half-maps"] * half_maps)

@@ -2,8 +2,14 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryogs.conventions import (axis_angle_to_matrix, euler_to_matrix, matrix_to_euler, matrix_to_quat,
-                                quat_to_matrix, random_rotations)
+from cryogs.physics.conventions import (
+    axis_angle_to_matrix,
+    euler_to_matrix,
+    matrix_to_euler,
+    matrix_to_quat,
+    quat_to_matrix,
+    random_rotations,
+)
 
 
 def _random_euler(n, seed):

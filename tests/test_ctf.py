@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.ctf import apply_ctf, compute_ctf, electron_wavelength
+from cryogs.physics.ctf import apply_ctf, compute_ctf, electron_wavelength
 
 DATA = Path(__file__).parent / "data"
 

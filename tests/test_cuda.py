@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 
-from cryogs import _extension, binning, project, voxelize
-from cryogs.gaussian_math import covariance_3d
-from cryogs.reference import voxelize_splat
+from cryogs import project, voxelize
+from cryogs.render import _extension, binning
+from cryogs.render.gaussian_math import covariance_3d
+from cryogs.render.reference import voxelize_splat
 
 from cuda_helpers import NAMES, dense_reference, make_case, rel_err
 from helpers import random_mixture
@@ -46,8 +47,8 @@ def _cuda_leaves(case):
 
 
 def _run_cuda(case, v=None, **kw):
-    """CUDA image (float64 on CPU) and gradients of (I·v).sum() through cryogs.cuda_backend."""
-    from cryogs.cuda_backend import project_cuda
+    """CUDA image (float64 on CPU) and gradients of (I·v).sum() through cryogs.render.cuda."""
+    from cryogs.render.cuda import project_cuda
 
     leaves = _cuda_leaves(case)
     img = project_cuda(*leaves, box_size=case["D"], pixel_size=case["p"], cutoff=case["k"], **kw)
@@ -141,7 +142,7 @@ def test_huge_gaussian_covers_all_tiles(poison):
 
 
 def test_binning_matches_reference_exactly(poison, rng):
-    """Counts, sorted keys, values and tile ranges equal cryogs.binning on the CUDA preprocess outputs."""
+    """Counts, sorted keys, values and tile ranges equal cryogs.render.binning on the CUDA preprocess outputs."""
     C = poison
     D, p, k = 45, 1.2, 3.5
     case = make_case(rng, B=5, N=150, D=D, pixel_size=p, spread=25.0, scale_range=(0.2, 12.0), tol=0)
@@ -161,7 +162,7 @@ def test_binning_matches_reference_exactly(poison, rng):
 
 
 def test_preprocess_matches_python(poison, rng):
-    from cryogs.gaussian_math import preprocess
+    from cryogs.render.gaussian_math import preprocess
 
     C = poison
     case = make_case(rng, B=3, N=50, D=40, tol=0)
@@ -175,7 +176,7 @@ def test_preprocess_matches_python(poison, rng):
 def test_batch_splitting_is_exact(rng):
     """A tiny instance budget forces one sub-batch per image: the forward is bitwise identical and the
     gradients agree to float32 rounding (atomics order)."""
-    from cryogs import cuda_backend
+    from cryogs.render import cuda as cuda_backend
 
     case = make_case(rng, B=5, N=80, D=40, tol=0)
     B, D = 5, case["D"]
@@ -193,7 +194,7 @@ def test_batch_splitting_is_exact(rng):
 
 
 def test_plan_batches():
-    from cryogs.cuda_backend import plan_batches
+    from cryogs.render.cuda import plan_batches
 
     assert plan_batches([], 10, 100) == []
     assert plan_batches([3, 3, 3], 10, 100) == [(0, 3)]

@@ -2,7 +2,7 @@
 ``csrc/gaussian_math.cuh`` functions as the kernels, in plain host loops. In float64 they must match
 PyTorch (forward) and float64 ``torch.autograd`` (hand-derived gradients) to ~1e-10; in float32 they
 are a proxy of the kernels' numerics and must meet the accuracy asked of the GPU. The tile
-rectangles are checked exactly against :mod:`cryogs.binning`.
+rectangles are checked exactly against :mod:`cryogs.render.binning`.
 
 Skipped when the extension is not built, except with ``CRYOGS_REQUIRE_EXTENSION=1`` (set by
 scripts/test.sh when a CUDA toolkit is present), where a missing extension fails.
@@ -15,9 +15,10 @@ import os
 import pytest
 import torch
 
-from cryogs import _extension, binning, project
-from cryogs.gaussian_math import covariance_3d, preprocess
-from cryogs.reference import rasterize_dense, voxelize_splat
+from cryogs import project
+from cryogs.render import _extension, binning
+from cryogs.render.gaussian_math import covariance_3d, preprocess
+from cryogs.render.reference import rasterize_dense, voxelize_splat
 
 from cuda_helpers import NAMES, dense_reference, make_case, rel_err
 from helpers import random_mixture, random_poses
@@ -191,7 +192,7 @@ def test_float32_twins_meet_gpu_tolerances(C, rng, name):
 
 # ---- binning -------------------------------------------------------------------------------------
 def test_tile_counts_match_binning_reference_exactly_float32(C, rng):
-    """The header's tile rectangle (in float32, as on the GPU) equals cryogs.binning bit for bit,
+    """The header's tile rectangle (in float32, as on the GPU) equals cryogs.render.binning bit for bit,
     including Gaussians astride tile/image borders, outside, huge and invalid."""
     params, D, p, k = _case64(rng, B=4, N=200, D=45, spread=25.0, scale_range=(0.2, 12.0))
     params = _with_invalid(params)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from cryogs import project
-from cryogs.densify import CLONE_SHIFT, SPLIT_OFFSET, DensifyConfig, DensityControl, split_image_change
 from cryogs.errors import CryogsError
-from cryogs.gaussian_math import covariance_3d
-from cryogs.conventions import random_rotations
-from cryogs.model import GaussianModel
+from cryogs.model.densify import CLONE_SHIFT, SPLIT_OFFSET, DensifyConfig, DensityControl, split_image_change
+from cryogs.model.gaussians import GaussianModel
+from cryogs.physics.conventions import random_rotations
+from cryogs.render.gaussian_math import covariance_3d
 
 from helpers import random_mixture, random_poses
 
@@ -126,7 +126,7 @@ def test_split_image_change_matches_a_direct_1d_integral():
 @pytest.mark.parametrize("backend", ["dense", "torch"])
 def test_split_changes_projections_by_at_most_the_derived_bound(rng, backend):
     """Per image, ‖ΔI‖ ≤ Σ_split E(u)·‖I_g‖ (triangle inequality over the split Gaussians), with
-    E(u) the moment-matched split's worst relative change (cryogs.densify.split_image_change)."""
+    E(u) the moment-matched split's worst relative change (cryogs.model.densify.split_image_change)."""
     n, D = 6, 64
     means, quats, scales, amps = random_mixture(n, rng, spread=2.0, scale_range=(1.5, 3.0))
     # |μ| ≤ 6 px, shifts ≤ 2 px, σ ≤ 3 px: every Gaussian lies 7σ inside the 64-px box, so the
@@ -498,7 +498,7 @@ def test_density_control_resolves_under_fitted_regions(rng, one_thread):
 def test_noise_gaussians_in_the_solvent_are_pruned(rng, one_thread):
     """Nine fitted blobs (centres 17.3 Å out, reaching 17.3 Å + 3σ = 23.3 Å) and four noise Gaussians
     of median mass in the solvent, 29 Å out, with the trainer's learning rates. ``radius`` is the
-    particle's, 21 Å, as estimated from the images (cryogs.train.estimate_extent) rather than the
+    particle's, 21 Å, as estimated from the images (cryogs.reconstruct.fit.estimate_extent) rather than the
     box's: the data term drains a solvent Gaussian's mass only like t^(-1/2) under Adam (its gradient
     falls with its mass squared while Adam's second moment remembers the start), so the amplitude
     rule is slow for them, and leaving the particle sphere is what marks them. Decisions run from

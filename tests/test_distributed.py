@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.gaussian_math import covariance_3d
-from cryogs.model import GaussianModel
+from cryogs.model.gaussians import GaussianModel
+from cryogs.render.gaussian_math import covariance_3d
 
 from test_resume import tiny_dataset
 
@@ -75,7 +75,7 @@ def test_broadcast_gives_each_group_its_first_ranks_tensors(tmp_path):
     script = tmp_path / "broadcast.py"
     script.write_text(textwrap.dedent("""
         import torch
-        from cryogs import distributed
+        from cryogs.reconstruct import distributed
         world, _ = distributed.init("cpu")
         _, half = distributed.split_halves(world)
         for group, first in ((world, 0), (half, 2 * (world.rank // 2))):

@@ -12,14 +12,16 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-import cryogs.mrc
-import cryogs.particles
+import cryogs.io.mrc
+import cryogs.io.particles
 from cryogs import project
-from cryogs.cryodrgn import load_cryodrgn
-from cryogs.cryosparc import load_cs
 from cryogs.errors import CryogsError
-from cryogs.mrc import write_mrc
-from cryogs.particles import CTF_KEYS, load_indices, load_particles, load_star
+from cryogs.io.cryodrgn import load_cryodrgn
+from cryogs.io.cryosparc import load_cs
+from cryogs.io.load import load_particles
+from cryogs.io.mrc import write_mrc
+from cryogs.io.particles import CTF_KEYS, load_indices
+from cryogs.io.star import load_star
 
 from helpers import random_mixture
 
@@ -131,8 +133,8 @@ def test_cs_loading_opens_no_stack(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a stack was opened while loading")
 
-    monkeypatch.setattr(cryogs.particles, "open_stack", refuse)
-    monkeypatch.setattr(cryogs.mrc, "open_stack", refuse)
+    monkeypatch.setattr(cryogs.io.particles, "open_stack", refuse)
+    monkeypatch.setattr(cryogs.io.mrc, "open_stack", refuse)
     ps = load_cs(P12)
     assert len(ps) == 2019
     monkeypatch.undo()
@@ -317,7 +319,7 @@ def test_cs_index_beyond_stack(tmp_path):
                    pose=pose, shift=np.zeros((4, 2)))
     ps = load_particles(cs)
     assert ps.stacks == [str(tmp_path / "three.mrcs")]  # '>' stripped, resolved next to the .cs
-    np.testing.assert_array_equal(ps.images([1]), cryogs.mrc.open_stack(tmp_path / "three.mrcs")[[2]])
+    np.testing.assert_array_equal(ps.images([1]), cryogs.io.mrc.open_stack(tmp_path / "three.mrcs")[[2]])
     with pytest.raises(CryogsError, match=r"particle 4 of .*far\.cs asks for image 8 of stack .*three\.mrcs.*only 3") as err:
         ps.images([0, 3])
     _one_line(err)

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from cryogs.analysis.fsc import Resolution, fsc, plot_fsc, resolution_at, soft_spherical_mask
 from cryogs.errors import CryogsError
-from cryogs.fsc import Resolution, fsc, plot_fsc, resolution_at, soft_spherical_mask
 
 
 def _brute_force_fsc(a, b):

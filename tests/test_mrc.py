@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cryogs.errors import CryogsError
-from cryogs.mrc import mrc_axis_permutation, open_stack, read_mrc, write_mrc
+from cryogs.io.mrc import mrc_axis_permutation, open_stack, read_mrc, write_mrc
 
 DATA = Path(__file__).parent / "data"
 

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.mrc import write_mrc
-from cryogs.noise import (contrast_scales, estimate_noise_spectrum, gaussian_nll, half_grid_multiplicity,
-                          shell_index, whitening_filter)
-from cryogs.particles import ParticleSet
+from cryogs.io.mrc import write_mrc
+from cryogs.io.particles import ParticleSet
+from cryogs.physics.noise import (
+    contrast_scales,
+    estimate_noise_spectrum,
+    gaussian_nll,
+    half_grid_multiplicity,
+    whitening_filter,
+)
 
 #: z-score bound for statistical checks: a normal tail beyond 6σ has probability 2e-9 per check,
 #: so the few hundred checks per run (one per shell) never fail by chance.

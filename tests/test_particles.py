@@ -11,10 +11,12 @@ import pytest
 import starfile
 from scipy.spatial.transform import Rotation
 
-from cryogs.conventions import euler_to_matrix
 from cryogs.errors import CryogsError
-from cryogs.mrc import open_stack, write_mrc
-from cryogs.particles import CTF_KEYS, fourier_crop, load_particles, load_star, write_star
+from cryogs.io.load import load_particles
+from cryogs.io.mrc import open_stack, write_mrc
+from cryogs.io.particles import CTF_KEYS, fourier_crop
+from cryogs.io.star import load_star, write_star
+from cryogs.physics.conventions import euler_to_matrix
 
 DATA = Path(__file__).parent / "data"
 

@@ -3,9 +3,9 @@ of perturbed poses in training."""
 import numpy as np
 import torch
 
-from cryogs.conventions import axis_angle_to_matrix
-from cryogs.pose_refine import PoseRefiner, perturb, random_perturbations, rotation_error_degrees
-from cryogs.projection import project
+from cryogs.physics.conventions import axis_angle_to_matrix
+from cryogs.reconstruct.poses import PoseRefiner, perturb, random_perturbations, rotation_error_degrees
+from cryogs.render.project import project
 
 from helpers import random_mixture, random_poses
 
@@ -77,12 +77,14 @@ def test_refinement_recovers_perturbed_poses_and_improves_the_map(tmp_path, rng)
     """Images in true poses, a STAR file with poses off by 3–5° and 2 px: refining recovers them to a
     median ≤ 1° and ≤ 0.3 px (after removing the global rigid motion the map frame is free to take),
     and the map is closer to the truth than one fitted in the perturbed poses."""
-    from cryogs.evaluate import compare_maps
-    from cryogs.model import GaussianModel
-    from cryogs.mrc import read_mrc
-    from cryogs.particles import load_particles, write_star
+    from cryogs.analysis.evaluate import compare_maps
+    from cryogs.io.load import load_particles
+    from cryogs.io.mrc import read_mrc
+    from cryogs.io.star import write_star
+    from cryogs.model.gaussians import GaussianModel
+    from cryogs.reconstruct.config import default_config
+    from cryogs.reconstruct.fit import run_training
     from cryogs.simulate import simulate_stack, write_dataset
-    from cryogs.train import default_config, run_training
 
     D, p, n = 40, 1.5, 64
     # a structured particle (many small Gaussians): a blob of a few wide ones barely constrains rotations

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from cryogs.gaussian_math import CUTOFF_SIGMA
-from cryogs.priors import close_pairs, map_prior, repulsion, scale_bounds, smoothness, total_variation
+from cryogs.model.priors import close_pairs, map_prior, repulsion, scale_bounds, smoothness, total_variation
+from cryogs.render.gaussian_math import CUTOFF_SIGMA
 
 F64 = dict(dtype=torch.float64)
 

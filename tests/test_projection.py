@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from cryogs import CryogsError, project, voxelize
-from cryogs.conventions import axis_angle_to_matrix, euler_to_matrix
-from cryogs.gaussian_math import CUTOFF_SIGMA, preprocess
+from cryogs.physics.conventions import axis_angle_to_matrix, euler_to_matrix
+from cryogs.render.gaussian_math import CUTOFF_SIGMA, preprocess
 
 from cuda_helpers import guard_cutoff
 from helpers import random_mixture, random_poses
@@ -22,7 +22,7 @@ def _one(mean, scales, amp=2.5, quat=(1.0, 0.0, 0.0, 0.0)):
 
 @pytest.mark.parametrize("backend", ["dense", "torch"])
 def test_single_gaussian_integral_peak_and_centre(rng, backend):
-    from cryogs.gaussian_math import covariance_3d
+    from cryogs.render.gaussian_math import covariance_3d
 
     p, D, amp = 1.7, 64, 2.5
     R, sh = random_poses(1, rng, max_shift=6.0)
@@ -161,7 +161,7 @@ def test_gradcheck_every_parameter_including_pose(rng, backend):
 
 def test_chunked_paths_match_unchunked(rng):
     """Forcing tiny chunks (and checkpointing) changes neither values nor gradients."""
-    from cryogs import reference
+    from cryogs.render import reference
 
     D, p = 20, 1.5
     g = [t.clone().requires_grad_(True) for t in random_mixture(7, rng)]

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from cryogs.model import GaussianModel
+from cryogs.model.gaussians import GaussianModel
 from cryogs.simulate import simulate_stack, write_dataset
 
 from helpers import random_mixture

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.streaming import EpochSampler, ImageBatch, ParticleImages, default_workers, make_loader, preload_images
-from cryogs.mrc import write_mrc
-from cryogs.particles import load_particles, write_star
+from cryogs.io.load import load_particles
+from cryogs.io.loader import EpochSampler, ImageBatch, ParticleImages, default_workers, make_loader, preload_images
+from cryogs.io.mrc import write_mrc
+from cryogs.io.star import write_star
 
 
 def _seed(rng: torch.Generator) -> int:

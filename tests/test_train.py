@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.evaluate import compare_maps
-from cryogs.model import GaussianModel
-from cryogs.particles import load_particles
-from cryogs.mrc import read_mrc
+from cryogs.analysis.evaluate import compare_maps
+from cryogs.io.load import load_particles
+from cryogs.io.mrc import read_mrc
+from cryogs.model.gaussians import GaussianModel
+from cryogs.reconstruct.config import default_config
+from cryogs.reconstruct.fit import run_training
 from cryogs.simulate import random_ctf_params, simulate_stack, write_dataset
-from cryogs.train import default_config, run_training
 
 from helpers import random_mixture
 
@@ -65,7 +66,7 @@ def test_outputs_and_resume(tmp_path, rng, monkeypatch):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "metrics.json").read_text())["n_gaussians"] == 30 == metrics["n_gaussians"]
     # a run killed right after its epoch-1 checkpoint, then resumed, ends where the uninterrupted run did
-    from cryogs.train import Trainer
+    from cryogs.reconstruct.fit import Trainer
 
     save = Trainer.save_checkpoint
 
@@ -100,8 +101,9 @@ def test_gaussian_files_round_trip(tmp_path, rng):
 
 
 def test_model_from_atoms_per_residue_preserves_mass_and_centre():
-    from cryogs.model import AtomSet
     from pathlib import Path
+
+    from cryogs.io.atoms import AtomSet
 
     atoms = AtomSet.read(Path(__file__).parent / "data" / "1uao.pdb")
     per_atom = GaussianModel.from_atoms(atoms, per="atom")
@@ -162,7 +164,7 @@ def test_model_from_map_fills_up_to_n_where_the_mass_is(rng):
 
 
 def test_half_split_uses_random_subset_when_it_has_both_halves(tmp_path, rng):
-    from cryogs.gold_standard import half_split
+    from cryogs.reconstruct.half_maps import half_split
 
     _, files = _dataset(tmp_path, rng, n_particles=10, box=16)
     particles = load_particles(files["star"])
@@ -177,7 +179,7 @@ def test_half_split_uses_random_subset_when_it_has_both_halves(tmp_path, rng):
 
 def test_streaming_from_disk_matches_the_in_memory_cache(tmp_path, rng, monkeypatch):
     """Stacks over the cache limit are read batch by batch; the fit is the same."""
-    import cryogs.train as train
+    import cryogs.reconstruct.fit as train
 
     _, files = _dataset(tmp_path, rng, n_particles=40, box=16, defocus=(9000.0, 12000.0))
     particles = load_particles(files["star"])
@@ -189,7 +191,7 @@ def test_streaming_from_disk_matches_the_in_memory_cache(tmp_path, rng, monkeypa
     assert streamed.cache is None and streamed.loader is not None
     # compare what the model means physically: quaternions of near-isotropic Gaussians are ill-defined
     # (Adam turns their rounding-level gradients into full steps), their covariances are not
-    from cryogs.gaussian_math import covariance_3d
+    from cryogs.render.gaussian_math import covariance_3d
 
     a, b = cached.model.arrays(), streamed.model.arrays()
     for k in ("means", "amplitudes"):
@@ -209,7 +211,7 @@ def test_resume_before_the_first_checkpoint_starts_afresh(tmp_path, rng):
 def test_phase_flipped_and_premultiplied_ctf(tmp_path, rng):
     import starfile
 
-    from cryogs.train import particle_ctf
+    from cryogs.physics.ctf import particle_ctf
 
     _, files = _dataset(tmp_path, rng, n_particles=4, box=16, defocus=(9000.0, 12000.0))
     plain = particle_ctf(load_particles(files["star"]), np.arange(4))
@@ -233,7 +235,7 @@ def test_particle_extent_from_ctf_modulated_noisy_images(tmp_path, rng, defocus)
     σ·D / √(Σ CTF_i(0)²): within 4 of them. The radius is within 3 pixels (at most 1.9 seen over 120
     seeds and CTF settings); a per-image Wiener filter returned about half the radius here, 3.6 to
     13 pixels short, because it damps the low frequencies ~10× against the rest."""
-    from cryogs.train import estimate_extent
+    from cryogs.reconstruct.config import estimate_extent
 
     means, quats, scales, amps = random_mixture(40, rng, spread=7.0, scale_range=(1.5, 3.0), dtype=torch.float32)
     truth = GaussianModel(means.clamp(-20, 20), quats, scales, amps)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from cryogs.analysis.evaluate import compare_maps
 from cryogs.cli import main as cryogs
-from cryogs.evaluate import compare_maps
-from cryogs.model import GaussianModel
-from cryogs.mrc import read_mrc
-from cryogs.particles import load_particles
-from cryogs.train import default_config, run_training
+from cryogs.io.load import load_particles
+from cryogs.io.mrc import read_mrc
+from cryogs.model.gaussians import GaussianModel
+from cryogs.reconstruct.config import default_config
+from cryogs.reconstruct.fit import run_training
 
 from test_resume import tiny_dataset
 
@@ -37,8 +38,8 @@ def test_init_from_pdb_and_from_map(tmp_path, rng):
 def test_default_start_is_each_halfs_own_backprojection(tmp_path, rng, monkeypatch):
     """By default (--init backproject) each half model starts on the backprojection of its own
     half-set, never of the other half's images (gold standard), and gets --gaussians Gaussians."""
-    from cryogs import backproject
-    from cryogs.gold_standard import half_split
+    from cryogs.reconstruct import backproject
+    from cryogs.reconstruct.half_maps import half_split
 
     files = tiny_dataset(tmp_path / "data", rng, n_particles=48, box=24)
     particles = load_particles(files["star"])

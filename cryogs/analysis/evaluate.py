@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CryogsError
+from cryogs.errors import CryogsError
+from cryogs.io.mrc import read_mrc
+
 from .fsc import fsc, plot_fsc, resolution_at
-from .mrc import read_mrc
 
 
 def compare_maps(volume: np.ndarray, reference: np.ndarray, pixel_size: float, *, mask_radius: float | None = None):

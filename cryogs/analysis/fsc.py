@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import CryogsError
+from cryogs.errors import CryogsError
+from cryogs.io.atomic import atomic_path
 
 __all__ = ["fsc", "soft_spherical_mask", "resolution_at", "Resolution", "plot_fsc", "shell_index"]
 

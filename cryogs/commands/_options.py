@@ -42,7 +42,7 @@ def add_particle_args(parser) -> None:
 
 def load_particles_from_args(args):
     """Load and check the particles named by the options of ``add_particle_args``; returns a ParticleSet."""
-    from cryogs.particles import load_particles
+    from cryogs.io.load import load_particles
 
     extra = {} if args.optics_groups is None else {"optics_groups": args.optics_groups}
     particles = load_particles(args.particles, datadir=args.datadir, poses=args.poses, ctf=args.ctf,

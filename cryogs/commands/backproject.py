@@ -48,7 +48,7 @@ def add_args(parser):
 
 
 def main(args):
-    from cryogs.backproject import run_backproject
+    from cryogs.reconstruct.backproject import run_backproject
 
     if args.wiener is not None and args.wiener < 0:
         raise CryogsError(f"--wiener must be non-negative, got {args.wiener}")

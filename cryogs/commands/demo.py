@@ -40,11 +40,12 @@ def add_args(parser):
 def main(args):
     import time
 
-    from cryogs.backproject import gaussians_on_backprojection
-    from cryogs.evaluate import compare_maps_files
-    from cryogs.particles import load_particles
+    from cryogs.analysis.evaluate import compare_maps_files
+    from cryogs.io.load import load_particles
+    from cryogs.reconstruct.backproject import gaussians_on_backprojection
+    from cryogs.reconstruct.config import default_config
+    from cryogs.reconstruct.fit import run_training
     from cryogs.simulate import load_source, simulate_stack, write_dataset
-    from cryogs.train import default_config, run_training
 
     t0 = time.perf_counter()
     print(f"simulating {args.particles} particles of adenylate kinase ({args.box} px, {args.apix} Å/px, SNR {args.snr})")

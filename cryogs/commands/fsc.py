@@ -25,9 +25,9 @@ def add_args(parser):
 
 
 def main(args):
-    from cryogs.atomic import atomic_path
-    from cryogs.fsc import fsc, plot_fsc, resolution_at
-    from cryogs.mrc import read_mrc
+    from cryogs.analysis.fsc import fsc, plot_fsc, resolution_at
+    from cryogs.io.atomic import atomic_path
+    from cryogs.io.mrc import read_mrc
 
     v1, vs1 = read_mrc(args.map1)
     v2, vs2 = read_mrc(args.map2)

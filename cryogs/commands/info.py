@@ -15,7 +15,7 @@ def main(args):
     import torch
 
     import cryogs
-    from cryogs import _extension
+    from cryogs.render import _extension
 
     print(f"cryogs {cryogs.__version__}")
     print(f"python {platform.python_version()}, numpy {numpy.__version__}")

@@ -37,8 +37,8 @@ Examples:
 """
 import json
 import shlex
-from dataclasses import asdict
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from cryogs.commands._options import add_compute_args, add_particle_args, load_particles_from_args
@@ -132,8 +132,9 @@ def _initial_model(words, n_gaussians: int, seed: int, device: str):
     """The start named by --init ``words``: None for random Gaussians, else a function of the particle set
     a model trains on (all particles, or one half with --half-maps), called only if no checkpoint
     replaces the start."""
-    from cryogs.backproject import gaussians_on_backprojection
-    from cryogs.model import AtomSet, GaussianModel
+    from cryogs.io.atoms import AtomSet
+    from cryogs.model.gaussians import GaussianModel
+    from cryogs.reconstruct.backproject import gaussians_on_backprojection
 
     kind, *rest = words
     if kind == "random" and not rest:
@@ -157,7 +158,7 @@ def _read_map(path):
     """``(volume, voxel size)`` of an --init map, which must have one voxel size on all axes."""
     import numpy as np
 
-    from cryogs.mrc import read_mrc
+    from cryogs.io.mrc import read_mrc
 
     volume, voxel = read_mrc(path)
     if not (min(voxel) > 0 and np.allclose(voxel, voxel[0], rtol=1e-4)):
@@ -166,11 +167,12 @@ def _read_map(path):
 
 
 def main(args):
-    from cryogs import distributed
-    from cryogs.atomic import write_json
-    from cryogs.evaluate import compare_maps_files
-    from cryogs.gold_standard import run_half_maps
-    from cryogs.train import TrainConfig, default_config, run_training
+    from cryogs.analysis.evaluate import compare_maps_files
+    from cryogs.io.atomic import write_json
+    from cryogs.reconstruct import distributed
+    from cryogs.reconstruct.config import TrainConfig, default_config
+    from cryogs.reconstruct.fit import run_training
+    from cryogs.reconstruct.half_maps import run_half_maps
 
     if args.gpus and args.gpus > 1 and distributed.world()[1] == 1:
         argv, skip = [], False

@@ -17,8 +17,8 @@ Examples:
 import math
 from pathlib import Path
 
-from cryogs.errors import CryogsError
 from cryogs.commands._options import add_compute_args
+from cryogs.errors import CryogsError
 
 
 def add_args(parser):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CryogsError
+from cryogs.errors import CryogsError
 
 __all__ = ["atomic_path"]
 

@@ -4,7 +4,7 @@
     Either a tuple ``(rot [N,3,3], trans [N,2])`` or a bare rotation array ``[N,3,3]`` (then the
     particles are taken as centred). ``rot`` are RELION-convention matrices ``A`` (map → image;
     cryoDRGN's ``parse_pose_star`` builds them from rlnAngleRot/Tilt/Psi exactly as
-    :func:`cryogs.conventions.euler_to_matrix` does). ``trans`` are fractions of the box.
+    :func:`cryogs.physics.conventions.euler_to_matrix` does). ``trans`` are fractions of the box.
 
 Shift convention
     cryoDRGN centres an observed image by translating it by ``+trans·D`` pixels (its training loop
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CryogsError
+from cryogs.errors import CryogsError
+
 from .mrc import open_stack
-from .particles import ParticleSet, _resolve_stack
+from .particles import ParticleSet, resolve_stack
 
 __all__ = ["load_cryodrgn", "load_pose_pkl", "load_ctf_pkl"]
 
@@ -136,7 +137,7 @@ def _stack_list(path: Path, datadir: Path | None) -> tuple[list[str], list[str],
     if not names:
         raise CryogsError(f"{path}: lists no image stacks (expected one .mrcs path per line)")
     here = path.resolve().parent
-    return [_resolve_stack(s, here, datadir) for s in names], names, line_nos
+    return [resolve_stack(s, here, datadir) for s in names], names, line_nos
 
 
 def load_cryodrgn(

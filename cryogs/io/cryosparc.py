@@ -24,7 +24,7 @@ Shift convention
     cryoDRGN's own ``pose.cs.pkl`` for ``cryosparc_P12_J24_001_particles.cs`` and, through cryoDRGN's
     Hartley-space translation formula, against cryogs's projector.
 
-Loading never opens an image stack: the returned :class:`~cryogs.particles.ParticleSet` reads
+Loading never opens an image stack: the returned :class:`~cryogs.io.particles.ParticleSet` reads
 images lazily, and a missing stack or an index beyond a stack's end is reported, naming the
 ``.cs`` file and the particle, when the images are read (or by ``check_stacks``).
 """
@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .conventions import axis_angle_to_matrix
-from .errors import CryogsError
-from .particles import CTF_KEYS, ParticleSet, _resolve_stack
+from cryogs.errors import CryogsError
+from cryogs.physics.conventions import axis_angle_to_matrix
+
+from .particles import CTF_KEYS, ParticleSet, resolve_stack
 
 __all__ = ["load_cs"]
 
@@ -171,7 +172,7 @@ def load_cs(
     if ddir is not None and not ddir.is_dir():
         raise CryogsError(f"{ddir}: --datadir folder not found")
     cs_dir = path.resolve().parent
-    stacks = [_resolve_stack(s, cs_dir, ddir) for s in stack_names]
+    stacks = [resolve_stack(s, cs_dir, ddir) for s in stack_names]
     stack_index = np.asarray(data["blob/idx"]).astype(np.int64).reshape(n)
     if (stack_index < 0).any():
         k = int(np.flatnonzero(stack_index < 0)[0])

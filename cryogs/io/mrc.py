@@ -21,8 +21,9 @@ from typing import Sequence
 import mrcfile
 import numpy as np
 
+from cryogs.errors import CryogsError
+
 from .atomic import atomic_path
-from .errors import CryogsError
 
 __all__ = ["write_mrc", "read_mrc", "open_stack", "mrc_axis_permutation"]
 

@@ -1,15 +1,15 @@
-"""Particle sets: poses, shifts, CTF parameters and lazily read images.
+"""The particle set: poses, shifts, CTF parameters and lazily read images.
 
-Readers: RELION STAR files (:func:`load_star`, here), cryoSPARC ``.cs`` files
-(:func:`cryogs.cryosparc.load_cs`) and cryoDRGN stacks + ``pose.pkl``/``ctf.pkl``
-(:func:`cryogs.cryodrgn.load_cryodrgn`); :func:`load_particles` picks one by extension.
+Readers that build a :class:`ParticleSet`: RELION STAR files (:mod:`cryogs.io.star`), cryoSPARC
+``.cs`` files (:mod:`cryogs.io.cryosparc`) and cryoDRGN stacks + ``pose.pkl``/``ctf.pkl``
+(:mod:`cryogs.io.cryodrgn`); :func:`cryogs.io.load.load_particles` picks one by extension.
 
-Units and conventions (see :mod:`cryogs.conventions`):
+Units and conventions (see :mod:`cryogs.physics.conventions`):
 
 * ``rotations[i]`` is RELION's matrix ``A`` for (rlnAngleRot, rlnAngleTilt, rlnAnglePsi).
 * ``shifts[i]`` is RELION's origin (x, y) in Å (``rlnOriginXAngst/YAngst``; RELION 3.0's
   ``rlnOriginX/Y`` in pixels are multiplied by the pixel size).
-* The pixel size always comes from the STAR file (``rlnImagePixelSize``, or RELION 3.0's
+* The pixel size always comes from the particle file (``rlnImagePixelSize``, or RELION 3.0's
   ``rlnDetectorPixelSize · 1e4 / rlnMagnification``), never from the MRC header.
 * CTF arrays are in RELION units: defocus in Å, angles in degrees, voltage in kV, Cs in mm.
 
@@ -21,32 +21,19 @@ from __future__ import annotations
 
 import os
 import pickle
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-import pandas as pd
-import starfile
 import torch
 
-from .atomic import atomic_path
-from .conventions import euler_to_matrix, matrix_to_euler
-from .errors import CryogsError
-from .fourier import fourier_crop_tensor
+from cryogs.errors import CryogsError
+from cryogs.physics.fourier import fourier_crop_tensor
+
 from .mrc import open_stack
 
-__all__ = [
-    "ParticleSet",
-    "load_star",
-    "load_particles",
-    "write_star",
-    "fourier_crop",
-    "load_indices",
-    "CTF_KEYS",
-]
+__all__ = ["ParticleSet", "fourier_crop", "load_indices", "resolve_stack", "first_data_lines", "CTF_KEYS"]
 
 #: Keys of :attr:`ParticleSet.ctf`, each an ``[n]`` float64 array in RELION units.
 CTF_KEYS = (
@@ -59,17 +46,6 @@ CTF_KEYS = (
     "phase_shift",  # degrees
     "bfactor",  # Å²
 )
-
-_CTF_COLUMNS = {
-    "defocus_u": "rlnDefocusU",
-    "defocus_v": "rlnDefocusV",
-    "defocus_angle": "rlnDefocusAngle",
-    "voltage": "rlnVoltage",
-    "cs": "rlnSphericalAberration",
-    "amplitude_contrast": "rlnAmplitudeContrast",
-    "phase_shift": "rlnPhaseShift",
-    "bfactor": "rlnCtfBfactor",
-}
 
 _MAX_OPEN_STACKS = 256  # each open stack holds a file descriptor
 
@@ -142,7 +118,7 @@ class ParticleSet:
         if self.source:
             where += f" of {self.source}"
             if self.first_data_line is None and self.star_block is not None:
-                self.first_data_line = _first_data_lines(Path(self.source)).get(self.star_block)
+                self.first_data_line = first_data_lines(Path(self.source)).get(self.star_block)
             if self.first_data_line is not None:
                 where += f" (line {self.first_data_line + row})"
         return where
@@ -280,7 +256,7 @@ class ParticleSet:
 
 def fourier_crop(images, size: int, *, chunk: int = 64) -> np.ndarray:
     """Downsample ``[..., D, D]`` images to ``[..., size, size]`` float32 by Fourier cropping
-    (:func:`cryogs.fourier.fourier_crop_tensor`, in float64), ``chunk`` images at a time to bound memory."""
+    (:func:`cryogs.physics.fourier.fourier_crop_tensor`, in float64), ``chunk`` images at a time to bound memory."""
     a = np.asarray(images)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise CryogsError(f"fourier_crop needs square images [..., D, D], got shape {a.shape}")
@@ -367,12 +343,7 @@ def _as_index_array(indices, n: int) -> np.ndarray:
     return np.where(idx < 0, idx + n, idx)
 
 
-# --------------------------------------------------------------------------------------------
-# Reading STAR files
-# --------------------------------------------------------------------------------------------
-
-
-def _first_data_lines(path: Path) -> dict[str, int]:
+def first_data_lines(path: Path) -> dict[str, int]:
     """1-based line number of the first data row of each loop block (only used for messages)."""
     lines: dict[str, int] = {}
     block = None
@@ -395,128 +366,6 @@ def _first_data_lines(path: Path) -> dict[str, int]:
     except OSError:
         pass
     return lines
-
-
-class _Table:
-    """A STAR loop block with the helpers that turn its columns into checked numpy arrays."""
-
-    def __init__(self, path: Path, name: str, df: pd.DataFrame):
-        self.path, self.name, self.df = path, name, df.reset_index(drop=True)
-        self._line0: int | None | bool = False
-
-    def line0(self) -> int | None:
-        if self._line0 is False:
-            self._line0 = _first_data_lines(self.path).get(self.name)
-        return self._line0  # type: ignore[return-value]
-
-    def where(self, row: int) -> str:
-        line0 = self.line0()
-        what = "particle" if self.name != "optics" else "optics group row"
-        if line0 is None:
-            return f"{what} {row + 1}"
-        return f"line {line0 + row} ({what} {row + 1})"
-
-    def has(self, col: str) -> bool:
-        return col in self.df.columns
-
-    def numeric(self, col: str) -> np.ndarray:
-        raw = self.df[col]
-        vals = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(vals)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            value = raw.iloc[row]
-            if pd.isna(value):
-                why = "is missing (a row with too few values?)"
-            else:
-                why = f"has non-numeric value {str(value)!r}"
-            raise CryogsError(f"{self.path}: {self.where(row)}: column _{col} {why}")
-        return vals
-
-    def integer(self, col: str) -> np.ndarray:
-        vals = self.numeric(col)
-        frac = vals != np.round(vals)
-        if frac.any():
-            row = int(np.flatnonzero(frac)[0])
-            raise CryogsError(f"{self.path}: {self.where(row)}: column _{col} must be an integer, got {vals[row]}")
-        return vals.astype(np.int64)
-
-
-def _read_blocks(path: Path) -> dict:
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as err:  # starfile/pandas raise many types for malformed files
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CryogsError(f"{path}: not a readable STAR file ({msg})") from None
-    out = {}
-    for name, block in blocks.items():
-        if isinstance(block, dict):  # a non-loop block: one row
-            block = pd.DataFrame([block])
-        if isinstance(block, pd.DataFrame):
-            out[name] = block
-    return out
-
-
-def _pick_particles(path: Path, blocks: dict) -> tuple[str, pd.DataFrame]:
-    if not blocks:
-        raise CryogsError(f"{path}: no data blocks found; is this a RELION STAR file?")
-    if "particles" in blocks:
-        name = "particles"
-    else:
-        named = [n for n, b in blocks.items() if n != "optics" and "rlnImageName" in b.columns]
-        candidates = named or [n for n in blocks if n != "optics"]
-        if not candidates:
-            raise CryogsError(f"{path}: has an optics block but no particles block")
-        name = candidates[0]
-    df = blocks[name]
-    if "rlnImageName" not in df.columns:
-        raise CryogsError(f"{path}: block data_{name} has no _rlnImageName column (the particle images)")
-    if len(df) == 0:
-        raise CryogsError(f"{path}: block data_{name} has no particles")
-    return name, df
-
-
-def _join_optics(path: Path, parts: _Table, optics: _Table | None) -> tuple[_Table, np.ndarray | None]:
-    """Copy each optics-group column onto the particles (particle columns win)."""
-    if optics is None:
-        return parts, None
-    if not optics.has("rlnOpticsGroup"):
-        raise CryogsError(f"{path}: optics block has no _rlnOpticsGroup column")
-    gids = optics.integer("rlnOpticsGroup")
-    if len(set(gids.tolist())) != len(gids):
-        raise CryogsError(f"{path}: optics block lists an rlnOpticsGroup more than once")
-    if parts.has("rlnOpticsGroup"):
-        pg = parts.integer("rlnOpticsGroup")
-    elif len(gids) == 1:
-        pg = np.full(len(parts.df), gids[0], dtype=np.int64)
-    else:
-        raise CryogsError(f"{path}: {len(gids)} optics groups but particles have no _rlnOpticsGroup column")
-    lookup = pd.Series(np.arange(len(gids)), index=gids)
-    pos = lookup.reindex(pg).to_numpy()
-    missing = np.isnan(pos.astype(np.float64))
-    if missing.any():
-        row = int(np.flatnonzero(missing)[0])
-        raise CryogsError(f"{path}: {parts.where(row)}: optics group {pg[row]} is not in the optics block")
-    pos = pos.astype(np.int64)
-    df = parts.df.copy()
-    for col in optics.df.columns:
-        if col not in df.columns:
-            df[col] = optics.df[col].to_numpy()[pos]
-    joined = _Table(path, parts.name, df)
-    joined._line0 = parts._line0
-    joined.particle_columns = set(parts.df.columns)  # type: ignore[attr-defined]
-    # Keep optics-derived columns reporting against the optics block's lines.
-    joined.optics_table, joined.optics_pos = optics, pos  # type: ignore[attr-defined]
-    return joined, pg
-
-
-def _numeric_joined(t: _Table, col: str) -> np.ndarray:
-    """Numeric column of a joined table; errors in optics columns name the optics block line."""
-    optics = getattr(t, "optics_table", None)
-    if optics is not None and optics.has(col) and col not in t.particle_columns:  # type: ignore[attr-defined]
-        # The column came from the optics block: report problems against its lines.
-        return optics.numeric(col)[t.optics_pos]  # type: ignore[attr-defined]
-    return t.numeric(col)
 
 
 def _candidates(name: str, star_dir: Path, datadir: Path | None) -> list[Path]:
@@ -543,381 +392,9 @@ def _candidates(name: str, star_dir: Path, datadir: Path | None) -> list[Path]:
     return uniq
 
 
-def _resolve_stack(name: str, star_dir: Path, datadir: Path | None) -> str:
+def resolve_stack(name: str, star_dir: Path, datadir: Path | None) -> str:
     cands = _candidates(name, star_dir, datadir)
     for c in cands:
         if c.is_file():
             return str(c)
     return str(cands[0])
-
-
-def _parse_image_names(t: _Table) -> tuple[np.ndarray, np.ndarray]:
-    """``idx@stack`` strings to (0-based index, stack name); a name without ``@`` is image 1."""
-    names = t.df["rlnImageName"].astype(str).str.strip()
-    left, sep, right = (names.str.partition("@")[k] for k in range(3))
-    has_at = (sep == "@").to_numpy()
-    stack = np.where(has_at, right.to_numpy(dtype=object), names.to_numpy(dtype=object))
-    idx_text = np.where(has_at, left.to_numpy(dtype=object), "1")
-    idx = pd.to_numeric(pd.Series(idx_text), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = ~np.isfinite(idx) | (idx < 1) | (idx != np.round(idx)) | (stack == "")
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise CryogsError(
-            f"{t.path}: {t.where(row)}: _rlnImageName {names.iloc[row]!r} is not of the form "
-            "index@stack.mrcs (index counted from 1)"
-        )
-    return idx.astype(np.int64) - 1, stack
-
-
-def _one_value(path: Path, what: str, values: np.ndarray, groups: np.ndarray | None, fmt, rtol=1e-4) -> float:
-    """The single value of a per-particle quantity, or a CryogsError listing the different ones."""
-    ref = values[0]
-    if np.all(np.abs(values - ref) <= rtol * abs(ref)):
-        return float(ref)
-    if groups is not None:
-        per = {}
-        for g, v in zip(groups.tolist(), values.tolist()):
-            per.setdefault(g, v)
-        listing = ", ".join(f"group {g}: {fmt(v)}" for g, v in sorted(per.items()))
-        raise CryogsError(
-            f"{path}: optics groups have different {what}s ({listing}); cryogs reconstructs from one "
-            f"{what} — select one {what} with --optics-groups (optics_groups= in Python), or re-extract"
-        )
-    uniq = np.unique(values)
-    listing = ", ".join(fmt(v) for v in uniq[:6]) + (", ..." if len(uniq) > 6 else "")
-    raise CryogsError(f"{path}: particles have different {what}s ({listing}); cryogs needs one {what}")
-
-
-def load_star(
-    path: str | os.PathLike,
-    *,
-    datadir: str | os.PathLike | None = None,
-    require_poses: bool = True,
-    optics_groups: int | Sequence[int] | None = None,
-) -> ParticleSet:
-    """Load a RELION 3.0, 3.1 or 5 particle STAR file.
-
-    ``datadir`` is where to look for the stacks named in ``_rlnImageName`` (``idx@stack``, idx
-    1-based). Each stack is looked for at ``datadir/name``, ``datadir/basename``, then
-    ``star_dir/name``, ``star_dir/basename``, then (RELION project layout) ``ancestor/name`` for
-    the STAR folder's three nearest ancestors and ``cwd/name``. Stacks are not opened here; a
-    missing one is reported by :meth:`ParticleSet.images` / :meth:`ParticleSet.check_stacks`
-    (except for RELION 3.0 files without ``_rlnImageSize``, whose box is read from the first stack).
-
-    ``optics_groups`` keeps only particles of those groups (e.g. to pick one pixel size).
-    ``require_poses=False`` accepts files without angles (``rotations`` is then ``None``).
-    Unknown columns are ignored.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CryogsError(f"{path}: file not found")
-    if path.is_dir():
-        raise CryogsError(f"{path}: is a folder, expected a STAR file")
-    blocks = _read_blocks(path)
-    pname, pdf = _pick_particles(path, blocks)
-    parts = _Table(path, pname, pdf)
-    optics = _Table(path, "optics", blocks["optics"]) if "optics" in blocks and pname != "optics" else None
-    t, groups = _join_optics(path, parts, optics)
-    rows = np.arange(len(t.df), dtype=np.int64)
-
-    if optics_groups is not None:
-        want = np.atleast_1d(np.asarray(optics_groups, dtype=np.int64))
-        if groups is None:
-            raise CryogsError(f"{path}: has no optics groups to select from")
-        keep = np.isin(groups, want)
-        if not keep.any():
-            raise CryogsError(f"{path}: no particles in optics group(s) {', '.join(map(str, want.tolist()))}")
-        rows, groups = rows[keep], groups[keep]
-    n = len(rows)
-
-    def col(name: str) -> np.ndarray:
-        return _numeric_joined(t, name)[rows]
-
-    # Pixel size: one per reconstruction, from the STAR file only.
-    if t.has("rlnImagePixelSize"):
-        apix = col("rlnImagePixelSize")
-    elif t.has("rlnDetectorPixelSize") and t.has("rlnMagnification"):
-        apix = col("rlnDetectorPixelSize") * 1e4 / col("rlnMagnification")
-    else:
-        raise CryogsError(
-            f"{path}: no pixel size: needs _rlnImagePixelSize (optics block) or, for RELION 3.0, "
-            "_rlnDetectorPixelSize and _rlnMagnification"
-        )
-    if np.any(apix <= 0):
-        raise CryogsError(f"{path}: pixel size must be positive")
-    pixel_size = _one_value(path, "pixel size", apix, groups, lambda v: f"{v:g} Å")
-
-    # Images.
-    stack_index, stack_names = _parse_image_names(t)
-    stack_index, stack_names = stack_index[rows], stack_names[rows]
-    codes, uniques = pd.factorize(pd.Series(stack_names, dtype=object), sort=False)
-    star_dir = path.resolve().parent
-    ddir = Path(datadir) if datadir is not None else None
-    if ddir is not None and not ddir.is_dir():
-        raise CryogsError(f"{ddir}: --datadir folder not found")
-    stacks = [_resolve_stack(str(u), star_dir, ddir) for u in uniques]
-
-    # Box size.
-    if t.has("rlnImageSize"):
-        box = int(_one_value(path, "box size", col("rlnImageSize"), groups, lambda v: f"{int(v)} px", rtol=0))
-    else:
-        first = stacks[int(codes[0])]
-        if not os.path.exists(first):
-            raise CryogsError(
-                f"{path}: no _rlnImageSize, and the first stack {first} (needed for the box size) was not "
-                "found; give the stack folder with --datadir"
-            )
-        shape = open_stack(first).shape
-        if shape[1] != shape[2]:
-            raise CryogsError(f"{first}: images are {shape[2]}x{shape[1]}, cryogs needs square images")
-        box = int(shape[1])
-
-    # Poses.
-    angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-    missing = [c for c in angle_cols if not t.has(c)]
-    if missing:
-        if require_poses:
-            raise CryogsError(
-                f"{path}: no particle poses (missing {', '.join('_' + c for c in missing)}); cryogs needs "
-                "poses: use the _data.star of a 3D refinement (e.g. RELION Refine3D run_data.star)"
-            )
-        rotations = None
-    else:
-        eul = np.stack([col(c) for c in angle_cols], axis=1)
-        rotations = euler_to_matrix(eul).numpy()
-
-    if t.has("rlnOriginXAngst") or t.has("rlnOriginYAngst"):
-        if not (t.has("rlnOriginXAngst") and t.has("rlnOriginYAngst")):
-            _missing_pair(path, "rlnOriginXAngst", "rlnOriginYAngst", t)
-        shifts = np.stack([col("rlnOriginXAngst"), col("rlnOriginYAngst")], axis=1)
-    elif t.has("rlnOriginX") or t.has("rlnOriginY"):
-        if not (t.has("rlnOriginX") and t.has("rlnOriginY")):
-            _missing_pair(path, "rlnOriginX", "rlnOriginY", t)
-        shifts = np.stack([col("rlnOriginX"), col("rlnOriginY")], axis=1) * pixel_size
-    else:
-        shifts = np.zeros((n, 2))
-
-    # CTF.
-    ctf = None
-    if t.has("rlnDefocusU"):
-        for key in ("voltage", "cs", "amplitude_contrast"):
-            if not t.has(_CTF_COLUMNS[key]):
-                raise CryogsError(f"{path}: has defocus values but no _{_CTF_COLUMNS[key]} column")
-        defaults = {"defocus_v": None, "defocus_angle": 0.0, "phase_shift": 0.0, "bfactor": 0.0}
-        ctf = {}
-        for key in CTF_KEYS:
-            column = _CTF_COLUMNS[key]
-            if t.has(column):
-                ctf[key] = col(column)
-            elif key == "defocus_v":
-                ctf[key] = ctf["defocus_u"].copy()
-            else:
-                ctf[key] = np.full(n, defaults[key])
-
-    premult = False
-    if t.has("rlnCtfDataAreCtfPremultiplied"):
-        flags = col("rlnCtfDataAreCtfPremultiplied") != 0
-        if flags.any() and not flags.all():
-            raise CryogsError(f"{path}: some optics groups have CTF-premultiplied images and some do not")
-        premult = bool(flags.all())
-
-    flipped = False
-    if t.has("rlnCtfDataArePhaseFlipped"):
-        flags = col("rlnCtfDataArePhaseFlipped") != 0
-        if flags.any() and not flags.all():
-            raise CryogsError(f"{path}: some optics groups have phase-flipped images and some do not")
-        flipped = bool(flags.all())
-
-    random_subset = t.integer("rlnRandomSubset")[rows] if t.has("rlnRandomSubset") else None
-
-    return ParticleSet(
-        stacks=stacks,
-        stack_id=codes.astype(np.int64),
-        stack_index=stack_index,
-        rotations=rotations,
-        shifts=shifts,
-        pixel_size=pixel_size,
-        box_size=box,
-        ctf=ctf,
-        random_subset=random_subset,
-        source=str(path),
-        ctf_premultiplied=premult,
-        ctf_phase_flipped=flipped,
-        optics_group=groups,
-        rows=rows,
-        star_block=pname,
-        stack_names=[str(u) for u in uniques],
-    )
-
-
-def _missing_pair(path: Path, a: str, b: str, t: _Table):
-    have, lack = (a, b) if t.has(a) else (b, a)
-    raise CryogsError(f"{path}: has _{have} but no _{lack}")
-
-
-def load_particles(
-    path: str | os.PathLike,
-    *,
-    datadir: str | os.PathLike | None = None,
-    poses: str | os.PathLike | None = None,
-    ctf: str | os.PathLike | None = None,
-    pixel_size: float | None = None,
-    ind: str | os.PathLike | None = None,
-    invert: bool = False,
-    downsample: int | None = None,
-    **kwargs,
-) -> ParticleSet:
-    """Load a particle file by extension.
-
-    * ``.star``: RELION (:func:`load_star`; ``kwargs`` such as ``require_poses``/``optics_groups`` go there);
-    * ``.cs``: cryoSPARC (:func:`cryogs.cryosparc.load_cs`; ``kwargs`` may give ``box_size``);
-    * ``.mrcs``/``.mrc``/``.txt``: a cryoDRGN image stack or list of stacks, which needs ``poses``
-      (a ``pose.pkl``) and takes ``ctf`` (a ``ctf.pkl``) and ``pixel_size``
-      (:func:`cryogs.cryodrgn.load_cryodrgn`).
-
-    Then ``ind`` (an index file, :func:`load_indices`) keeps those particles, and ``invert`` /
-    ``downsample`` transform the images as they are read (:meth:`ParticleSet.transformed`).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    stack_only = {"--poses": poses, "--ctf": ctf, "--pixel-size": pixel_size}
-    given = [k for k, v in stack_only.items() if v is not None]
-    if suffix in (".star", ".cs") and given:
-        raise CryogsError(
-            f"{path}: {', '.join(given)} only apply to image stacks (.mrcs/.txt); a {suffix} file carries "
-            "its own poses, CTF and pixel size"
-        )
-    if suffix == ".star":
-        particles = load_star(path, datadir=datadir, **kwargs)
-    elif suffix == ".cs":
-        from .cryosparc import load_cs
-
-        particles = load_cs(path, datadir=datadir, **kwargs)
-    elif suffix in (".mrcs", ".mrc", ".txt"):
-        from .cryodrgn import load_cryodrgn
-
-        if poses is None:
-            raise CryogsError(
-                f"{path}: an image stack needs poses: give a cryoDRGN pose.pkl with --poses (and its ctf.pkl with --ctf)"
-            )
-        if kwargs:
-            raise CryogsError(f"{path}: options {', '.join(sorted(kwargs))} do not apply to image stacks")
-        particles = load_cryodrgn(path, poses=poses, ctf=ctf, pixel_size=pixel_size, datadir=datadir)
-    elif suffix == ".pkl":
-        raise CryogsError(
-            f"{path}: a .pkl holds poses or CTF parameters, not images; give the image stack (.mrcs or a .txt "
-            "list of stacks) and pass the pkl files with --poses and --ctf"
-        )
-    else:
-        raise CryogsError(
-            f"{path}: unknown particle file type {suffix or '(no extension)'!r}; expected a RELION .star, a "
-            "cryoSPARC .cs, or an image stack (.mrcs, or a .txt list of stacks) with --poses"
-        )
-    if ind is not None:
-        particles = particles.subset(load_indices(ind, len(particles)))
-    if invert or downsample is not None:
-        particles = particles.transformed(invert=invert, downsample=downsample)
-    return particles
-
-
-# --------------------------------------------------------------------------------------------
-# Writing STAR files
-# --------------------------------------------------------------------------------------------
-
-
-def write_star(
-    path: str | os.PathLike,
-    stack_name: str | None,
-    rotations,
-    shifts,
-    pixel_size: float,
-    box_size: int,
-    *,
-    ctf: dict[str, np.ndarray] | None = None,
-    random_subset=None,
-    voltage: float = 300.0,
-    cs: float = 2.7,
-    amplitude_contrast: float = 0.1,
-    image_names: Sequence[str] | None = None,
-    ctf_premultiplied: bool = False,
-) -> None:
-    """Write a RELION 3.1 particle STAR file (optics + particles blocks), atomically.
-
-    Particle ``i`` is ``f"{i+1:06d}@{stack_name}"`` unless ``image_names`` gives every name.
-    ``rotations [n,3,3]`` are RELION ``A`` matrices (written as rlnAngleRot/Tilt/Psi),
-    ``shifts [n,2]`` RELION origins in Å. ``ctf`` uses :data:`CTF_KEYS` (RELION units); its
-    voltage/cs/amplitude_contrast arrays, when given, define the optics groups, otherwise the
-    scalar keyword values make one group.
-    """
-    path = Path(path)
-    rot = np.asarray(rotations.detach().cpu().numpy() if hasattr(rotations, "detach") else rotations, dtype=np.float64)
-    n = rot.shape[0]
-    if rot.shape != (n, 3, 3):
-        raise CryogsError(f"{path}: rotations must be [n, 3, 3], got {rot.shape}")
-    sh = np.asarray(shifts.detach().cpu().numpy() if hasattr(shifts, "detach") else shifts, dtype=np.float64)
-    if sh.shape != (n, 2):
-        raise CryogsError(f"{path}: shifts must be [n, 2] to match {n} rotations, got {sh.shape}")
-    if image_names is not None:
-        names = [str(s) for s in image_names]
-        if len(names) != n:
-            raise CryogsError(f"{path}: {len(names)} image names for {n} particles")
-    elif stack_name:
-        names = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
-    else:
-        raise CryogsError(f"{path}: give a stack name or image names")
-
-    def per_particle(key, default):
-        if ctf is not None and key in ctf and ctf[key] is not None:
-            return np.broadcast_to(np.asarray(ctf[key], dtype=np.float64), (n,))
-        return np.full(n, float(default))
-
-    optic_vals = np.stack(
-        [per_particle("voltage", voltage), per_particle("cs", cs), per_particle("amplitude_contrast", amplitude_contrast)],
-        axis=1,
-    )
-    uniq, group = np.unique(optic_vals, axis=0, return_inverse=True)
-    group = group.reshape(-1) + 1
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
-            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(uniq) + 1)],
-            "rlnImagePixelSize": float(pixel_size),
-            "rlnImageSize": int(box_size),
-            "rlnImageDimensionality": 2,
-            "rlnVoltage": uniq[:, 0],
-            "rlnSphericalAberration": uniq[:, 1],
-            "rlnAmplitudeContrast": uniq[:, 2],
-            "rlnCtfDataAreCtfPremultiplied": int(bool(ctf_premultiplied)),
-        }
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Gimbal lock")  # tilt 0/180: rot+psi is what matters
-        eul = matrix_to_euler(rot).reshape(n, 3)
-    cols = {
-        "rlnImageName": names,
-        "rlnAngleRot": eul[:, 0],
-        "rlnAngleTilt": eul[:, 1],
-        "rlnAnglePsi": eul[:, 2],
-        "rlnOriginXAngst": sh[:, 0],
-        "rlnOriginYAngst": sh[:, 1],
-        "rlnOpticsGroup": group,
-    }
-    if ctf is not None:
-        for key in ("defocus_u", "defocus_v", "defocus_angle", "phase_shift", "bfactor"):
-            if key in ctf and ctf[key] is not None:
-                cols[_CTF_COLUMNS[key]] = np.broadcast_to(np.asarray(ctf[key], dtype=np.float64), (n,))
-    if random_subset is not None:
-        cols["rlnRandomSubset"] = np.asarray(random_subset, dtype=np.int64).reshape(n)
-    particles = pd.DataFrame(cols)
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics, "particles": particles}, tmp, float_format="%.6f")
-        _add_version_line(tmp)
-
-
-def _add_version_line(tmp: Path) -> None:
-    """Mark the blocks as RELION 3.1 (``# version 30001``), as RELION itself writes them."""
-    text = tmp.read_text()
-    text = text.replace("data_optics", "# version 30001\n\ndata_optics", 1)
-    text = text.replace("data_particles", "# version 30001\n\ndata_particles", 1)
-    tmp.write_text(text)
-

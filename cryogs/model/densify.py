@@ -1,6 +1,6 @@
 """Adaptive density control for transmission images: clone, split and prune Gaussians while training.
 
-The forward model (:mod:`cryogs.projection`) makes each image a sum of line integrals of mass,
+The forward model (:mod:`cryogs.render.project`) makes each image a sum of line integrals of mass,
 ``I_b(x) = Σ_g a_g N(x; P_b μ_g, P_b Σ_g P_bᵀ)``: additive and linear in the masses ``a_g``, with no
 opacity and no transmittance. The rules below follow from that, not from 3DGS's opacity rules:
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .conventions import quat_to_matrix
-from .errors import CryogsError
+from cryogs.errors import CryogsError
+from cryogs.physics.conventions import quat_to_matrix
 
 #: Half-distance between split children in units of the parent's largest standard deviation,
 #: ``u = d / σ₁``. The children's scale along the axis is ``σ₁√(1 − u²)``. Moment matching makes the
@@ -91,7 +91,7 @@ class DensifyConfig:
         starts above twice the minimum scale (children along the split axis keep ``√¾ × 2 = 1.7``
         times the minimum). The radius defaults to the sphere inscribed in the box: a centre beyond
         it projects outside the image in some poses, where the data cannot constrain it; pass the
-        particle's radius (``radius=``, e.g. from :func:`cryogs.train.estimate_extent`) to prune
+        particle's radius (``radius=``, e.g. from :func:`cryogs.reconstruct.fit.estimate_extent`) to prune
         solvent Gaussians as soon as they leave the particle. ``overrides`` set any field directly.
         """
         min_scale = min_scale or 0.5 * pixel_size
@@ -163,7 +163,7 @@ def clone_shifts(quats: torch.Tensor, log_scales: torch.Tensor, grad_sum: torch.
 class DensityControl:
     """Accumulates per-Gaussian gradient statistics and clones, splits and prunes at decision steps.
 
-    Use with a :class:`cryogs.model.GaussianModel` and its optimizer::
+    Use with a :class:`cryogs.model.gaussians.GaussianModel` and its optimizer::
 
         loss.backward()
         control.accumulate(model)

@@ -9,7 +9,7 @@ means the same for any N, box or data scale:
   its mass towards 0; the data term alone sets the mass.
 
 To weigh a prior against the data term, compare it with the data loss per image at convergence,
-about ``½·D²·σ²`` for :func:`cryogs.noise.gaussian_nll` (σ² the mean per-pixel noise variance).
+about ``½·D²·σ²`` for :func:`cryogs.physics.noise.gaussian_nll` (σ² the mean per-pixel noise variance).
 
 All are deterministic: no sampling, and on the CPU the same inputs give bitwise the same value and
 gradient. On CUDA, the scatter-adds (``index_add``, and the backward of indexing) use atomics
@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from .errors import CryogsError
-from .projection import voxelize
+from cryogs.errors import CryogsError
+from cryogs.render.project import voxelize
 
 __all__ = ["close_pairs", "repulsion", "scale_bounds", "total_variation", "smoothness", "map_prior"]
 
@@ -132,7 +132,7 @@ def map_prior(model_tensors, *, box_size: int, pixel_size: float, kind: str = "t
               grid: int | None = None) -> torch.Tensor:
     """Total variation (``kind="tv"``) or smoothness (``"smooth"``) of the model's map, dimensionless.
 
-    ``model_tensors`` is ``(means, quats, scales, amplitudes)`` as :class:`~cryogs.model.GaussianModel`
+    ``model_tensors`` is ``(means, quats, scales, amplitudes)`` as :class:`~cryogs.model.gaussians.GaussianModel`
     returns them. The map is voxelized differentiably (``backend="torch"``) on a box of ``grid``
     voxels (default ``box_size``) spanning the same extent, so its voxel size is
     ``p' = pixel_size·box_size/grid``. On a coarser grid every Gaussian is first widened by the

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["compute_ctf", "electron_wavelength", "apply_ctf", "wiener_filter", "frequency_grid"]
+__all__ = ["compute_ctf", "particle_ctf", "electron_wavelength", "apply_ctf", "wiener_filter", "frequency_grid"]
 
 
 def electron_wavelength(voltage_kv):
@@ -65,3 +65,19 @@ def wiener_filter(images: torch.Tensor, ctf: torch.Tensor, snr: float = 10.0) ->
     """Approximately undo the CTF: multiply the ``rfft2`` by ``CTF / (CTF² + 1/snr)``."""
     D = images.shape[-1]
     return torch.fft.irfft2(torch.fft.rfft2(images) * ctf / (ctf * ctf + 1.0 / snr), s=(D, D))
+
+
+def particle_ctf(particles, idx, *, device=None):
+    """``[k, D, D//2+1]`` CTFs of particles ``idx`` of a :class:`cryogs.io.particles.ParticleSet` (its
+    ``ctf`` parameters, box, pixel size and data flags), or None without CTF values.
+
+    For CTF-premultiplied images the model is multiplied by CTF², for phase-flipped ones by |CTF|.
+    """
+    if particles.ctf is None:
+        return None
+    c = {k: v[idx] for k, v in particles.ctf.items()}
+    ctf = compute_ctf(particles.box_size, particles.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
+                      c["voltage"], c["cs"], c["amplitude_contrast"], c["phase_shift"], c["bfactor"], device=device)
+    if particles.ctf_premultiplied:
+        return ctf * ctf
+    return ctf.abs() if particles.ctf_phase_flipped else ctf

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CryogsError
+from cryogs.errors import CryogsError
 
 
 def _check(D: int, d: int) -> None:

@@ -1,6 +1,6 @@
 """A stationary coloured Gaussian noise model for the data term, and per-image contrast.
 
-Fourier conventions (the same as :func:`cryogs.ctf.apply_ctf`): ``X = torch.fft.rfft2(x)`` of the
+Fourier conventions (the same as :func:`cryogs.physics.ctf.apply_ctf`): ``X = torch.fft.rfft2(x)`` of the
 ``[D, D]`` image, unnormalised, on the ``[D, D//2 + 1]`` half grid (rows ``ky`` in ``fftfreq``
 order, columns ``kx = 0 … D//2``). The *noise power* is ``S(k) = E|N(k)|²`` on that grid, so white
 noise of per-pixel variance σ² has ``S = σ²·D²`` at every frequency, and Parseval reads
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import CryogsError
+from cryogs.errors import CryogsError
 
 __all__ = ["half_grid_multiplicity", "shell_index", "solvent_window", "estimate_noise_spectrum",
            "whitening_filter", "contrast_scales", "gaussian_nll"]
@@ -83,7 +83,7 @@ def estimate_noise_spectrum(particles, *, mask_radius_px: float, n_sample: int =
     CPU tensor (white noise of variance σ² gives ``σ²·D²``; see the module docstring).
 
     Args:
-        particles: a :class:`~cryogs.particles.ParticleSet` or a ``[n, D, D]`` array/tensor of images.
+        particles: a :class:`~cryogs.io.particles.ParticleSet` or a ``[n, D, D]`` array/tensor of images.
         mask_radius_px: radius (px) around the box centre that holds the particle; only the solvent
             beyond it (:func:`solvent_window`, soft edge of ``edge_px``) is used.
         n_sample: images drawn at random (without replacement, seeded by ``seed``); all when ≥ n.

@@ -5,7 +5,7 @@ The projection-slice theorem in cryogs' conventions: with ``P(x, y) = ∫ V(Aᵀ
 map at ``Aᵀ (kx, ky, 0)``. Every image is inserted into a 3D Fourier grid:
 
 1. its CTF factor ``c`` multiplies its ``rfft2`` on the image's own D×D grid, exactly as the forward
-   model (:func:`cryogs.ctf.apply_ctf`) applies the CTF;
+   model (:func:`cryogs.physics.ctf.apply_ctf`) applies the CTF;
 2. the result is zero-padded to ``PADDING · D`` pixels (centre ``D//2`` to the padded centre) and
    transformed again, which gives the D×D transform at the even padded frequencies and interpolates
    it in between; a phase ramp moves the origin to the centre and undoes the particle's shift (the
@@ -38,7 +38,7 @@ Choices, and why:
   with ``0 ≤ kx < 1`` voxel spread.
 * Scale: images hold mass per pixel and the DFT needs no normalisation for the slice theorem, so
   the output is mass per voxel, the scale of :func:`cryogs.voxelize`.
-* CTF-modified data, as :func:`cryogs.train.particle_ctf` models them: a normal image is
+* CTF-modified data, as :func:`cryogs.reconstruct.fit.particle_ctf` models them: a normal image is
   ``CTF·X + n`` (numerator ``CTF·F``, weight ``CTF²``); a phase-flipped one is ``|CTF|·X + n``
   (numerator ``|CTF|·F``, weight ``CTF²``); a CTF-premultiplied one is ``CTF·(CTF·X + n)``, whose
   noise is coloured by the CTF: whitening divides it by CTF, so the numerator is the image as is and
@@ -70,8 +70,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import CryogsError
-from .particles import ParticleSet
+from cryogs.errors import CryogsError
+from cryogs.io.particles import ParticleSet
 
 __all__ = ["PADDING", "FourierSums", "accumulate", "reconstruct", "shell_mean_weight", "wiener_from_fsc",
            "backproject", "regularised_backprojection", "gaussians_on_backprojection",
@@ -126,13 +126,13 @@ def _shell_index(D: int, device) -> torch.Tensor:
 def _ctf_factors(particles: ParticleSet, idx: np.ndarray, device):
     """Per-particle ``(numerator factor, weight)`` on the ``[D, D//2+1]`` grid, or ``(None, None)``.
 
-    From :func:`cryogs.train.particle_ctf`, which gives CTF, |CTF| (phase-flipped) or CTF²
+    From :func:`cryogs.reconstruct.fit.particle_ctf`, which gives CTF, |CTF| (phase-flipped) or CTF²
     (premultiplied): the weight is CTF² in every case; the numerator factor is None for
     premultiplied images, which already carry theirs (module notes).
     """
     if particles.ctf is None:
         return None, None
-    from .train import particle_ctf
+    from cryogs.physics.ctf import particle_ctf
 
     c = particle_ctf(particles, idx, device=device).double()
     return (None, c) if particles.ctf_premultiplied else (c, c * c)
@@ -284,7 +284,7 @@ def backproject(particles: ParticleSet, indices=None, *, device="cpu", batch_siz
 def regularised_backprojection(particles: ParticleSet, *, seed: int = 0, device="cpu", batch_size: int = 64,
                                progress: bool = False) -> np.ndarray:
     """The Wiener-regularised map of all ``particles``, ``λ`` per shell from the FSC of their own two
-    halves (split by :func:`cryogs.gold_standard.half_split` with ``seed``): ``cryogs backproject``'s
+    halves (split by :func:`cryogs.reconstruct.half_maps.half_split` with ``seed``): ``cryogs backproject``'s
     map.mrc. ``reconstruct --init backproject`` calls it on each half-set, so the two half models
     start from independent maps."""
     _, sums, halves = _half_sums(particles, seed, device=device, batch_size=batch_size, progress=progress)
@@ -293,8 +293,8 @@ def regularised_backprojection(particles: ParticleSet, *, seed: int = 0, device=
 
 def gaussians_on_backprojection(particles: ParticleSet, n: int, *, seed: int = 0, device="cpu"):
     """``n`` Gaussians on :func:`regularised_backprojection` of ``particles``
-    (:meth:`cryogs.model.GaussianModel.from_map`, drawn with ``seed``): the default start of a fit."""
-    from .model import GaussianModel
+    (:meth:`cryogs.model.gaussians.GaussianModel.from_map`, drawn with ``seed``): the default start of a fit."""
+    from cryogs.model.gaussians import GaussianModel
 
     if len(particles) < 2:  # its Wiener filter comes from the FSC of two halves
         raise CryogsError(f"a start on the backprojection needs at least 2 particles per model, got "
@@ -305,7 +305,7 @@ def gaussians_on_backprojection(particles: ParticleSet, n: int, *, seed: int = 0
 
 def _half_sums(particles: ParticleSet, seed: int, **opts):
     """``(idx1, idx2, how)``, the two halves' :class:`FourierSums` and their unregularised maps."""
-    from .gold_standard import half_split
+    from .half_maps import half_split
 
     if len(particles) < 2:
         raise CryogsError(f"half maps need at least 2 particles, got {len(particles)}")
@@ -316,7 +316,7 @@ def _half_sums(particles: ParticleSet, seed: int, **opts):
 
 def _wiener_from_halves(sums, halves, pixel_size: float) -> np.ndarray:
     """Per-shell ``λ`` from the unmasked FSC of the unregularised half maps (:func:`wiener_from_fsc`)."""
-    from .fsc import fsc
+    from cryogs.analysis.fsc import fsc
 
     _, unmasked = fsc(halves[0], halves[1], pixel_size=pixel_size)
     return wiener_from_fsc(unmasked, 0.5 * (shell_mean_weight(sums[0]) + shell_mean_weight(sums[1])))
@@ -324,7 +324,7 @@ def _wiener_from_halves(sums, halves, pixel_size: float) -> np.ndarray:
 
 def _default_mask_radius(particles: ParticleSet) -> float:
     """Particle radius estimated from the images plus 4 pixels, inside the box (Å), as ``reconstruct``."""
-    from .train import estimate_extent
+    from .config import estimate_extent
 
     p = particles.pixel_size
     return min(estimate_extent(particles)[0] + 4 * p, 0.5 * particles.box_size * p - 2 * p)
@@ -335,7 +335,7 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
                     batch_size: int = 64, progress: bool = True) -> dict:
     """Reconstruct and write ``map.mrc`` (the full-data reconstruction), ``slices.png`` and ``metrics.json``.
 
-    With ``half_maps`` the particles are split by :func:`cryogs.gold_standard.half_split`; each half
+    With ``half_maps`` the particles are split by :func:`cryogs.reconstruct.half_maps.half_split`; each half
     is accumulated once and reconstructed without regularisation (``half1.mrc``, ``half2.mrc``: a
     Wiener filter would hide their noise and leave the correlation that a mask induces between them
     at high frequency). Their unmasked FSC gives the per-shell Wiener ``λ`` (:func:`wiener_from_fsc`),
@@ -345,11 +345,11 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
     ``reference`` map the FSC against it goes to the metrics and ``fsc_reference.png``.
     Returns the metrics.
     """
-    from .atomic import write_json
-    from .evaluate import compare_maps_files
-    from .figures import plot_slices
-    from .fsc import fsc, plot_fsc, resolution_at
-    from .mrc import write_mrc
+    from cryogs.analysis.evaluate import compare_maps_files
+    from cryogs.analysis.figures import plot_slices
+    from cryogs.analysis.fsc import fsc, plot_fsc, resolution_at
+    from cryogs.io.atomic import write_json
+    from cryogs.io.mrc import write_mrc
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,152 +4,31 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_json
-from .ctf import apply_ctf, compute_ctf
-from .densify import DensifyConfig, DensityControl
+from cryogs.analysis.figures import plot_loss
+from cryogs.errors import CryogsError
+from cryogs.io.atomic import write_json
+from cryogs.io.loader import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
+from cryogs.io.particles import ParticleSet
+from cryogs.model.densify import DensifyConfig, DensityControl
+from cryogs.model.gaussians import GaussianModel
+from cryogs.model.priors import map_prior, repulsion, scale_bounds
+from cryogs.physics.ctf import apply_ctf, particle_ctf
+from cryogs.physics.fourier import crop_half_spectrum, fourier_crop_tensor
+from cryogs.physics.noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, whitening_filter
+from cryogs.render.project import project, resolve_backend, voxelize
+
+from . import checkpoint
+from .config import TrainConfig
 from .distributed import Group
-from .errors import CryogsError
-from .figures import plot_gaussians, plot_loss, plot_montage, plot_slices
-from .fourier import crop_half_spectrum, fourier_crop_tensor
-from .model import GaussianModel
-from .mrc import write_mrc
-from .noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, whitening_filter
-from .particles import ParticleSet, write_star
-from .pose_refine import PoseRefiner, perturb
-from .priors import map_prior, repulsion, scale_bounds
-from .projection import project, resolve_backend, voxelize
-from .streaming import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
-
-CHECKPOINT = "checkpoint.pt"  # in the run folder
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a run; saved as ``config.json`` and in each checkpoint."""
-
-    n_gaussians: int
-    epochs: int
-    init_radius: float  # Å: random initial centres lie inside this sphere
-    init_scale: float  # Å: initial isotropic standard deviation
-    total_mass: float  # initial summed amplitude, estimated from the images
-    batch_size: int = 32  # images per step (the global batch, over all processes)
-    lr_means: float = 0.0  # Å per step at the start; 0 means "0.5 pixel"
-    lr_scales: float = 0.02  # log-scale per step
-    lr_quats: float = 0.02
-    lr_amplitudes: float = 0.03  # log-amplitude per step
-    final_lr_fraction: float = 0.02  # learning rates decay exponentially to this fraction
-    min_scale: float = 0.0  # Å; 0 means "0.5 pixel"
-    max_scale: float = 0.0  # Å; 0 means "3 pixels"
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    init: str = "random"  # how the initial model was made: random, map PATH or pdb PATH (for the record)
-    densify: bool = False  # adaptive density control (cryogs.densify); off: it tied on the quality benchmark
-    max_gaussians: int = 0  # cap on N under density control; 0 means "2 × n_gaussians"
-    noise: str = "white"  # white: plain squared error; coloured: whitened by the solvent noise spectrum
-    contrast: bool = False  # solve a per-image contrast scale in closed form every step
-    reg_repulsion: float = 0.0  # weight of the minimum-distance prior between centres
-    reg_min_distance: float = 0.0  # Å; 0 means "1 pixel"
-    reg_scale: float = 0.0  # weight of the soft scale-bound prior (bounds: min_scale, max_scale)
-    reg_tv: float = 0.0  # weight of total variation of the voxelized map
-    reg_smooth: float = 0.0  # weight of the squared-gradient smoothness of the voxelized map
-    refine_poses: bool = False  # refine every particle's rotation and shift with the Gaussians
-    refine_start: float = 0.5  # fraction of the epochs before pose refinement starts
-    lr_rotation: float = 0.5  # degrees per step for pose refinement at the start
-    lr_shift: float = 0.0  # Å per step for pose refinement at the start; 0 means "0.2 pixel"
-    pose_steps: int = 8  # pose steps per batch while refining (the last one joint with the Gaussians)
-    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
-    coarse: float = 0.0  # fraction of the steps fitted to images Fourier-cropped to half the box
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) -> tuple[float, float]:
-    """``(radius Å, total mass)`` of the particle from a sample of images.
-
-    The mean of randomly oriented projections is nearly round. It is estimated by least squares over
-    the sample, ``P̂(k) = Σ CTF_i·Î_i(k) / Σ CTF_i(k)²``: the images' defoci differ, so their zeros
-    do not coincide and every frequency is recovered, the zero one (where the CTF is only the
-    amplitude contrast) included. A per-image Wiener filter cannot do this: it damps the low
-    frequencies ~10× against the rest and leaves a ring of negative density that halves the radius.
-    Frequencies every sampled CTF nearly nulls (one shared defocus) are dropped. The mass is the
-    estimate's zero frequency; the radius holding 95 % of its mass above the rim's level, enlarged by
-    10 %, bounds the particle.
-    """
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(particles), size=min(n_sample, len(particles)), replace=False))
-    images = torch.from_numpy(particles.images(idx)).double()
-    D, p = particles.box_size, particles.pixel_size
-    spectrum = torch.fft.rfft2(images)
-    ctf = particle_ctf(particles, idx)
-    if ctf is None:
-        spectrum = spectrum.mean(0)
-    else:
-        ctf = ctf.double()
-        weight = (ctf * ctf).sum(0)
-        kept = weight > 1e-3 * weight.max()
-        spectrum = torch.where(kept, (spectrum * ctf).sum(0) / weight.clamp_min(1e-30), 0)
-    mean = torch.fft.irfft2(spectrum, s=(D, D)).numpy()
-    total = float(mean.sum())
-    if not total > 0:
-        raise CryogsError("the particles have no positive mass on average: is the contrast inverted? (try --invert)")
-    yy, xx = np.indices(mean.shape) - D // 2
-    r = np.hypot(xx, yy).ravel()
-    # the zero frequency is the noisiest (CTF(0) is the amplitude contrast); its error is a constant
-    # offset that would move the 95 % point far out: take the level of the rim (≥ 0.45 D) as background
-    profile = mean.ravel() - np.median(mean.ravel()[(r >= 0.45 * D) & (r <= 0.5 * D)])
-    inside = r <= 0.5 * D
-    r, profile = r[inside], profile[inside]
-    order = np.argsort(r)
-    cum = np.cumsum(profile[order])
-    r95 = r[order][min(len(r) - 1, np.searchsorted(cum, 0.95 * cum[-1]))]
-    radius = float(np.clip(1.1 * r95, 0.15 * D, 0.45 * D)) * p
-    return radius, total
-
-
-def default_config(particles: ParticleSet, *, images_per_model: int | None = None, **overrides) -> TrainConfig:
-    """A configuration that works without tuning, derived from box, pixel size and particle count.
-
-    The epoch count gives each model about 20,000 image visits (at least 4 epochs, at most 40);
-    ``images_per_model`` is how many particles one model trains on when that is not all of them
-    (half of them for gold-standard half maps).
-    """
-    radius, mass = estimate_extent(particles)
-    p = particles.pixel_size
-    volume = 4 / 3 * math.pi * radius ** 3
-    n_gaussians = int(np.clip(round(0.5 * volume / (2 * p) ** 3), 50, 20000))
-    epochs = int(np.clip(math.ceil(20000 / (images_per_model or len(particles))), 4, 40))
-    cfg = TrainConfig(n_gaussians=n_gaussians, epochs=epochs, init_radius=0.8 * radius,
-                      init_scale=1.5 * p, total_mass=mass)
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, v)
-    return cfg
-
-
-def particle_ctf(particles: ParticleSet, idx, *, device=None):
-    """``[k, D, D//2+1]`` CTFs of particles ``idx``, or None without CTF values.
-
-    For CTF-premultiplied images the model is multiplied by CTF², for phase-flipped ones by |CTF|.
-    """
-    if particles.ctf is None:
-        return None
-    c = {k: v[idx] for k, v in particles.ctf.items()}
-    ctf = compute_ctf(particles.box_size, particles.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
-                      c["voltage"], c["cs"], c["amplitude_contrast"], c["phase_shift"], c["bfactor"], device=device)
-    if particles.ctf_premultiplied:
-        return ctf * ctf
-    return ctf.abs() if particles.ctf_phase_flipped else ctf
-
+from .outputs import montage_indices, write_map_and_model, write_montage, write_refined_star
+from .poses import PoseRefiner, perturb
 
 
 def _data_scale(particles: ParticleSet, seed: int, n_sample: int = 256) -> float:
@@ -174,16 +53,11 @@ class Stage:
     loss_factor: float  # (box/D)²: a cropped residual's Σ_x r² is (D/box)² × the low-pass part of the full one
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 class Trainer:
     """Adam on the Gaussian parameters, one learning rate per group, exponential decay; optional density
     control, noise model, priors and pose refinement (see :class:`TrainConfig`).
 
-    ``group`` is the set of processes training this model together (:mod:`cryogs.distributed`); each
+    ``group`` is the set of processes training this model together (:mod:`cryogs.reconstruct.distributed`); each
     sees its share of every global batch, and only its main rank writes files.
     """
 
@@ -266,26 +140,23 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / CHECKPOINT
+        return self.out / checkpoint.CHECKPOINT
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue exactly here: model, optimizer, schedule, density control and pose
         state, the position in the epoch (whose order follows from the seed), and the RNG states."""
         if not self.group.is_main:
             return
-        _atomic_torch_save({
+        checkpoint.save(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "batch": self.batch,
             "step": self.step_count, "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg),
             "density": None if self.density is None else self.density.state_dict(),
             "poses": None if self.poses is None else self.poses.state_dict(), "densify_log": self.densify_log,
-            "visited": self.visited,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-            self.checkpoint_path)
+            "visited": self.visited})
 
     def resume(self) -> None:
-        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        ck = checkpoint.load(self.checkpoint_path, self.device)
         with torch.no_grad():  # N may have changed under density control: take the checkpoint's
             for name, param in self.model.named_parameters():
                 param.data = ck["model"][name].to(self.device)
@@ -298,10 +169,7 @@ class Trainer:
         self.epoch, self.batch, self.step_count = ck["epoch"], ck["batch"], ck["step"]
         self.losses, self.seconds, self.densify_log = ck["losses"], ck["seconds"], ck["densify_log"]
         self.visited = ck["visited"]
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        np.random.set_state(ck["rng"]["numpy"])
-        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+        checkpoint.restore_rng(ck)
 
     # ------------------------------------------------------------------ training
     def stage(self) -> Stage:
@@ -471,20 +339,13 @@ class Trainer:
         ``volume`` is :meth:`volume`, if the caller has it."""
         p, D = self.particles.pixel_size, self.particles.box_size
         volume = self.volume() if volume is None else volume
-        write_mrc(self.out / "map.mrc", volume, p)
-        plot_slices(self.out / "slices.png", volume, p)
-        arrays = self.model.arrays()
-        plot_gaussians(self.out / "gaussians.png", arrays["means"], arrays["amplitudes"], D * p)
-        for ext in ("npz", "pt", "ply"):
-            self.model.save(self.out / f"gaussians.{ext}")
+        write_map_and_model(self.out, volume, self.model, p)
         plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses)
-        idx = np.linspace(0, len(self.particles) - 1, min(4, len(self.particles))).astype(int)
+        idx = montage_indices(len(self.particles))
         rotations, shifts = (x[torch.as_tensor(idx, device=self.device)] for x in self.refined_poses())
-        images = torch.from_numpy(self.particles.images(idx))
         with torch.no_grad():
             rendered = self.render(rotations, shifts, particle_ctf(self.particles, idx, device=self.device))
-        plot_montage(self.out / "montage.png", images.numpy(), rendered.cpu().numpy(),
-                     titles=[f"particle {i}" for i in idx])
+        write_montage(self.out, self.particles, idx, rendered.cpu().numpy())
         if self.poses is not None:
             write_refined_star(self.out / "refined_poses.star", self.particles, *self.refined_poses())
         n_images = self.cfg.epochs * len(self.particles)
@@ -499,13 +360,6 @@ class Trainer:
         return metrics
 
 
-def write_refined_star(path, particles: ParticleSet, rotations, shifts) -> None:
-    """The particles with refined poses as a RELION 3.1 STAR file (same image names and CTF)."""
-    write_star(path, None, rotations.cpu(), shifts.cpu(), particles.pixel_size, particles.box_size,
-               ctf=particles.ctf, image_names=[f"{i + 1:06d}@{s}" for s, i in particles.image_paths],
-               ctf_premultiplied=particles.ctf_premultiplied)
-
-
 def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
                  progress: bool = True, command: str | None = None,
                  initial: GaussianModel | Callable[[ParticleSet], GaussianModel] | None = None,
@@ -517,7 +371,7 @@ def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume
     Returns the finished trainer; call :meth:`Trainer.write_outputs` for the map and figures.
     """
     out = Path(out_dir)
-    resuming = resume and (out / CHECKPOINT).exists()
+    resuming = resume and (out / checkpoint.CHECKPOINT).exists()
     if initial is not None and not isinstance(initial, GaussianModel):  # a function of the particles
         initial = None if resuming else initial(particles)
     trainer = Trainer(particles, config, out, progress=progress, initial=initial, group=group)

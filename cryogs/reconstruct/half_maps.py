@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cryogs.analysis.figures import plot_slices
+from cryogs.analysis.fsc import fsc, plot_fsc, resolution_at
+from cryogs.io.mrc import read_mrc, write_mrc
+from cryogs.io.particles import ParticleSet
+from cryogs.model.gaussians import GaussianModel
+
+from .config import TrainConfig
 from .distributed import Group, split_halves
-from .figures import plot_slices
-from .fsc import fsc, plot_fsc, resolution_at
-from .model import GaussianModel
-from .mrc import read_mrc, write_mrc
-from .particles import ParticleSet
-from .train import TrainConfig, run_training
+from .fit import run_training
 
 
 def half_split(particles: ParticleSet, seed: int) -> tuple[np.ndarray, np.ndarray, str]:

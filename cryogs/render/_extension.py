@@ -1,4 +1,4 @@
-"""Loads the compiled CUDA extension ``cryogs._C`` if it was built, and says why not otherwise."""
+"""Loads the compiled CUDA extension ``cryogs.render._C`` if it was built, and says why not otherwise."""
 from __future__ import annotations
 
 import functools

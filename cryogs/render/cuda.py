@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from cryogs.errors import CryogsError
+
 from . import _extension
 from .binning import tiles_per_side
-from .errors import CryogsError
 from .gaussian_math import covariance_3d
 from .reference import voxelize_splat
 
@@ -143,7 +144,7 @@ def project_cuda(means, quats, scales, amplitudes, rotations, shifts, *, box_siz
 def voxelize_cuda(means, quats, scales, amplitudes, *, box_size: int, pixel_size: float, cutoff: float):
     """``[D, D, D]`` map ``V[z, y, x]`` (mass per voxel) with the CUDA voxelizer (forward only).
 
-    When gradients are needed it falls back to :func:`cryogs.reference.voxelize_splat`, the same maths
+    When gradients are needed it falls back to :func:`cryogs.render.reference.voxelize_splat`, the same maths
     in PyTorch, so autograd works.
     """
     tensors = (means, quats, scales, amplitudes)

@@ -1,6 +1,6 @@
 """Per-Gaussian maths shared by every backend (the PyTorch twin of ``csrc/gaussian_math.cuh``).
 
-Conventions (see :mod:`cryogs.conventions` for the geometry):
+Conventions (see :mod:`cryogs.physics.conventions` for the geometry):
 
 * ``means2d[b, g] = (A_b μ_g)_xy / p + D//2 - t_b / p`` in pixels, with ``t_b`` the RELION origin (Å).
 * ``M = A_b[:2] R(q_g) diag(s_g) / p`` (2×3), ``Σ2D = M Mᵀ`` in px²; ``det Σ2D`` is a sum of squared
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .conventions import centre_index, quat_to_matrix
+from cryogs.physics.conventions import centre_index, quat_to_matrix
 
 #: Default truncation, in standard deviations, used by the ``torch`` and ``cuda`` backends and by
 #: :func:`cryogs.voxelize`. Dropped mass of a 2D Gaussian is ``exp(-k²/2)`` (0.22 % at k = 3.5).

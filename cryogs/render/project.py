@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from cryogs.errors import CryogsError
+
 from . import _extension
-from .errors import CryogsError
 from .gaussian_math import CUTOFF_SIGMA, covariance_3d, preprocess
 from .reference import rasterize_dense, rasterize_splat, voxelize_splat
 
@@ -65,7 +66,7 @@ def project(means, quats, scales, amplitudes, rotations, shifts=None, *, box_siz
         raise CryogsError(f"shifts must have shape [{rotations.shape[0]}, 2], got {list(shifts.shape)}")
     backend = resolve_backend(backend, means.device)
     if backend == "cuda":
-        from .cuda_backend import project_cuda
+        from .cuda import project_cuda
 
         return project_cuda(means, quats, scales, amplitudes, rotations, shifts, box_size=box_size,
                             pixel_size=pixel_size, cutoff=CUTOFF_SIGMA if cutoff is None else cutoff)
@@ -84,7 +85,7 @@ def voxelize(means, quats, scales, amplitudes, *, box_size: int, pixel_size: flo
     _check_inputs(means, quats, scales, amplitudes, box_size, pixel_size)
     backend = resolve_backend("torch" if backend == "dense" else backend, means.device)
     if backend == "cuda":
-        from .cuda_backend import voxelize_cuda
+        from .cuda import voxelize_cuda
 
         return voxelize_cuda(means, quats, scales, amplitudes, box_size=box_size, pixel_size=pixel_size,
                              cutoff=cutoff)

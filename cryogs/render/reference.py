@@ -19,7 +19,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .conventions import centre_index
+from cryogs.physics.conventions import centre_index
+
 from .gaussian_math import conic_quadratic
 
 #: Evaluations per chunk (the largest temporary has this many elements).
