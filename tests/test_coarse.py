@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from cryogs.ctf import compute_ctf
-from cryogs.fourier import crop_half_spectrum, fourier_crop_tensor
-from cryogs.model import GaussianModel
-from cryogs.particles import fourier_crop, load_particles
-from cryogs.projection import project
+from cryogs.io.load import load_particles
+from cryogs.io.particles import fourier_crop
+from cryogs.model.gaussians import GaussianModel
+from cryogs.physics.ctf import compute_ctf, particle_ctf
+from cryogs.physics.fourier import crop_half_spectrum, fourier_crop_tensor
+from cryogs.reconstruct.config import default_config
+from cryogs.reconstruct.fit import Stage, run_training
+from cryogs.render.project import project
 from cryogs.simulate import random_ctf_params, simulate_stack, write_dataset
-from cryogs.train import Stage, default_config, particle_ctf, run_training
 
 from helpers import random_mixture, random_poses
 
@@ -40,9 +42,15 @@ def test_rendering_coarse_equals_cropping_the_full_rendering(rng):
     Gaussians at least 1.5 coarse pixels wide: the centre convention (index D//2 → d//2) and the
     mass per pixel agree. Both are rendered exactly (dense); what differs is the coarse samples'
     aliasing, the part of each Gaussian's spectrum beyond the coarse Nyquist, below
-    exp(−2π²σ²/4) ≈ 1.5e-5 of its mass at σ = 1.5 coarse pixels."""
-    D, d, p = 48, 24, 1.5
+    exp(−2π²σ²/4) ≈ 1.5e-5 of its mass at σ = 1.5 coarse pixels.
+
+    Every input keeps the images' edges empty, as Fourier cropping needs (it treats the image as
+    periodic): centres within 4 Å per axis, shifts within 3 Å per axis, so each projected centre is
+    at least 48 − 4√3 − 3√2 = 36.8 Å from the edge, 4.9 σ of the widest Gaussian (a tail of 6e-6
+    of its peak). (With a 72 Å box and unbounded centres, 1 % of draws failed at the edge.)"""
+    D, d, p = 64, 32, 1.5
     means, quats, scales, amps = random_mixture(15, rng, spread=6.0, scale_range=(3 * p, 5 * p))
+    means = means.clamp(-4.0, 4.0)
     rot, shifts = random_poses(4, rng, max_shift=3.0)
     full = project(means, quats, scales, amps, rot, shifts, box_size=D, pixel_size=p, backend="dense")
     coarse = project(means, quats, scales, amps, rot, shifts, box_size=d, pixel_size=p * D / d, backend="dense")
