@@ -222,3 +222,58 @@ def test_no_gaussians_gives_blank_images(backend):
     img = project(e, torch.zeros(0, 4, dtype=F64), e, torch.zeros(0, dtype=F64), torch.eye(3, dtype=F64)[None],
                   None, box_size=8, pixel_size=1.0, backend=backend)
     assert img.shape == (1, 8, 8) and (img == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "torch"])
+def test_invalid_gaussians_and_poses_cover_nothing_and_get_finite_gradients(rng, backend):
+    """A zero, NaN or infinite quaternion, zero or NaN scales, a NaN mean, an infinite amplitude, a NaN
+    rotation or shift: the pair covers nothing, and every leaf's gradient is finite (zero for the
+    invalid entries, and for the valid ones what it is without the invalid ones)."""
+    means, quats, scales, amps = random_mixture(10, rng, spread=4.0)
+    rot, shifts = random_poses(3, rng, max_shift=2.0)
+    bad = {0: ("quats", [0.0, 0, 0, 0]), 1: ("quats", [float("nan"), 0, 0, 1]), 2: ("quats", [float("inf"), 0, 0, 0]),
+           3: ("scales", [0.0, 0, 0]), 4: ("scales", [float("nan"), 1, 1]), 5: ("means", [float("nan"), 0, 0]),
+           6: ("amps", float("inf"))}
+    leaves = {"means": means, "quats": quats, "scales": scales, "amps": amps}
+    for g, (name, value) in bad.items():
+        leaves[name][g] = torch.tensor(value, dtype=F64)
+    rot[2, 0, 0], shifts[1, 1] = float("nan"), float("inf")
+    weights = torch.randn(3, 24, 24, generator=rng, dtype=F64)
+
+    def render(m, q, s, a, r, t):
+        return project(m, q, s, a, r, t, box_size=24, pixel_size=1.5, backend=backend)
+
+    inputs = [t.clone().requires_grad_(True) for t in (*leaves.values(), rot, shifts)]
+    img = render(*inputs)
+    (img * weights).sum().backward()
+    for name, t in zip(("means", "quats", "scales", "amps", "rotations", "shifts"), inputs):
+        assert torch.isfinite(t.grad).all(), name
+    assert (img[1:] == 0).all() and torch.isfinite(img).all()  # images 1 and 2 have an invalid pose
+    for t in inputs[:4]:
+        assert (t.grad[:7] == 0).all()
+    for t in inputs[4:]:
+        assert (t.grad[1:] == 0).all()
+    good = [t[7:].clone().requires_grad_(True) for t in leaves.values()] + [rot[:1].clone().requires_grad_(True),
+                                                                            shifts[:1].clone().requires_grad_(True)]
+    ref = render(*good)
+    (ref * weights[:1]).sum().backward()
+    torch.testing.assert_close(img[:1].detach(), ref.detach())
+    for t, r in zip(inputs, good):
+        torch.testing.assert_close(t.grad[7:] if t.shape[0] == 10 else t.grad[:1], r.grad)
+
+
+def test_torch_splat_gives_a_zero_amplitude_its_gradient(rng):
+    """A Gaussian of amplitude exactly 0 still has ∂I/∂m = its unit-mass image, as in the dense backend."""
+    means, quats, scales, amps = random_mixture(4, rng, spread=3.0)
+    amps[1] = 0.0
+    rot, shifts = random_poses(2, rng, max_shift=2.0)
+    weights = torch.randn(2, 20, 20, generator=rng, dtype=F64)
+    grads = {}
+    for backend in ("dense", "torch"):
+        a = amps.clone().requires_grad_(True)
+        img = project(means, quats, scales, a, rot, shifts, box_size=20, pixel_size=1.5, backend=backend,
+                      cutoff=CUTOFF_SIGMA)
+        (img * weights).sum().backward()
+        grads[backend] = a.grad
+    assert grads["torch"][1] != 0
+    torch.testing.assert_close(grads["torch"], grads["dense"])

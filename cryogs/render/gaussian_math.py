@@ -47,16 +47,19 @@ def projected_factor(quats, scales, rotations, pixel_size: float) -> torch.Tenso
     return torch.einsum("bij,njk->bnik", rotations[:, :2, :], L) / pixel_size
 
 
-def cov2d_det_and_conic(M: torch.Tensor):
-    """From ``M [..., 2, 3]``: ``cov [..., 3]`` (xx, xy, yy), ``det [...]`` and ``conic [..., 3]``."""
+def cov2d_and_det(M: torch.Tensor):
+    """From ``M [..., 2, 3]``: ``cov [..., 3]`` (xx, xy, yy) and ``det [...]`` of ``Σ2D = M Mᵀ``."""
     r0, r1 = M[..., 0, :], M[..., 1, :]
     sxx = (r0 * r0).sum(-1)
     sxy = (r0 * r1).sum(-1)
     syy = (r1 * r1).sum(-1)
     minors = r0[..., [0, 0, 1]] * r1[..., [1, 2, 2]] - r0[..., [1, 2, 2]] * r1[..., [0, 0, 1]]
-    det = (minors * minors).sum(-1)
-    conic = torch.stack([syy, -sxy, sxx], -1) / det[..., None]
-    return torch.stack([sxx, sxy, syy], -1), det, conic
+    return torch.stack([sxx, sxy, syy], -1), (minors * minors).sum(-1)
+
+
+def conic_from_cov(cov: torch.Tensor, det: torch.Tensor) -> torch.Tensor:
+    """``Σ2D⁻¹`` as ``(a, b, c)`` from ``cov`` (xx, xy, yy) and its determinant."""
+    return torch.stack([cov[..., 2], -cov[..., 1], cov[..., 0]], -1) / det[..., None]
 
 
 def preprocess(means, quats, scales, amplitudes, rotations, shifts, *, box_size: int, pixel_size: float,
@@ -65,14 +68,31 @@ def preprocess(means, quats, scales, amplitudes, rotations, shifts, *, box_size:
 
     Returns ``means2d [B,N,2]`` (px), ``conics [B,N,3]``, ``weights [B,N]`` and ``radii [B,N,2]``, the
     half-extents ``cutoff·√Σxx`` and ``cutoff·√Σyy`` (px) of the box around the cutoff ellipse.
-    Pairs that are non-finite or degenerate get weight 0 and radii 0 (they cover nothing).
+    Pairs that are non-finite or degenerate (a zero quaternion, zero scales, a NaN anywhere) get
+    weight 0 and radii 0: they cover nothing, and every input gets a finite gradient (zero for them).
     """
+    # Invalid inputs are replaced before any arithmetic, not only masked after it: the gradient of a
+    # masked-out NaN (0/0 normalising a zero quaternion, 1/det at det = 0) would still be NaN.
+    g_ok = (torch.isfinite(means).all(-1) & torch.isfinite(quats).all(-1) & (quats.norm(dim=-1) > 0)
+            & torch.isfinite(scales).all(-1) & torch.isfinite(amplitudes))
+    b_ok = torch.isfinite(rotations).flatten(1).all(-1)
+    if shifts is not None:
+        b_ok = b_ok & torch.isfinite(shifts).all(-1)
+        shifts = torch.where(b_ok[:, None], shifts, torch.zeros_like(shifts))
+    means = torch.where(g_ok[:, None], means, torch.zeros_like(means))
+    quats = torch.where(g_ok[:, None], quats, torch.tensor([1.0, 0, 0, 0], dtype=quats.dtype, device=quats.device))
+    scales = torch.where(g_ok[:, None], scales, torch.ones_like(scales))
+    amplitudes = torch.where(g_ok, amplitudes, torch.zeros_like(amplitudes))
+    rotations = torch.where(b_ok[:, None, None], rotations, torch.eye(3, dtype=rotations.dtype, device=rotations.device))
     means2d = project_means(means, rotations, shifts, box_size, pixel_size)
     M = projected_factor(quats, scales, rotations, pixel_size)
-    cov, det, conic = cov2d_det_and_conic(M)
+    cov, det = cov2d_and_det(M)
+    ok = b_ok[:, None] & g_ok[None, :] & (det > 0)
+    det = torch.where(ok, det, torch.ones_like(det))
+    conic = conic_from_cov(cov, det)
     weights = amplitudes[None, :] / (2 * math.pi * det.sqrt())
     radii = cutoff * cov[..., [0, 2]].clamp_min(0).sqrt()
-    ok = (det > 0) & torch.isfinite(weights) & torch.isfinite(conic).all(-1) & torch.isfinite(means2d).all(-1)
+    ok = ok & torch.isfinite(weights) & torch.isfinite(conic).all(-1) & torch.isfinite(means2d).all(-1)
     ok = ok & torch.isfinite(radii).all(-1)
     weights = torch.where(ok, weights, torch.zeros_like(weights))
     conic = torch.where(ok[..., None], conic, torch.zeros_like(conic))

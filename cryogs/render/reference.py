@@ -119,7 +119,8 @@ def rasterize_splat(means2d, conics, weights, radii, *, box_size: int, cutoff: f
         r = torch.ceil(radii.amax(-1))
         lo = means2d - radii
         hi = means2d + radii
-        visible = (weights != 0) & (hi >= 0).all(-1) & (lo <= D - 1).all(-1)
+        # every valid pair (radii > 0), even one of weight 0: it still has a gradient in its weight
+        visible = (radii > 0).all(-1) & (hi >= 0).all(-1) & (lo <= D - 1).all(-1)
         pair = torch.nonzero(visible.reshape(-1)).squeeze(1)
         chunks = _window_groups(r.reshape(-1)[pair].long(), 2, max_elements, D - 1)
     flat_m2 = means2d.reshape(-1, 2)
