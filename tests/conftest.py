@@ -27,8 +27,17 @@ def _float32_default_dtype():
 
 
 @pytest.fixture
-def rng():
-    """A fresh, unseeded generator: tests run on new random inputs each time (seed printed on failure)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def rng(request):
+    """A random generator for the test's inputs.
+
+    Fresh and unseeded (the seed is printed on failure) for exact assertions, which hold for every
+    input. A test marked ``statistical`` (a fit converges, a correlation beats a bound) gets a fixed
+    seed instead, ``CRYOGS_TEST_SEED`` if set (``scripts/flaky.sh`` sweeps it), else 0, so CI never
+    fails by chance.
+    """
+    if request.node.get_closest_marker("statistical") is not None:
+        seed = int(os.environ.get("CRYOGS_TEST_SEED", "0"))
+    else:
+        seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     return torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
@@ -55,7 +56,10 @@ def test_axis_angle_matches_scipy(rng):
                                atol=1e-12)
 
 
+@pytest.mark.statistical
 def test_random_rotations_are_uniform_rotations(rng):
+    """Statistical (seeded: see the ``statistical`` marker). Bernstein bound: a false failure has probability below
+    1e-10."""
     R = random_rotations(20000, generator=rng, dtype=torch.float64)
     eye = torch.eye(3, dtype=torch.float64)
     assert torch.allclose(R @ R.transpose(1, 2), eye.expand_as(R), atol=1e-10)

@@ -480,6 +480,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.statistical
 def test_density_control_resolves_under_fitted_regions(rng, one_thread):
     """Two rows of three blobs, one Gaussian each, among seven correctly fitted blobs.
 
@@ -489,12 +490,14 @@ def test_density_control_resolves_under_fitted_regions(rng, one_thread):
     losses measures how much of it density control removed: a run that does nothing useful stays
     near 1. Asking for < ½ (more than half of the misfit removed) leaves a margin over what was
     measured, ≤ 0.22 over 39 seeds (median 0.004), while failing if densification does not work.
-    """
+
+    Statistical (seeded: see the ``statistical`` marker). Over 200 seeds none failed."""
     fixed, controlled, counts, _ = _fixed_and_controlled(rng)
     assert sum(c["split"] for c in counts) >= 2
     assert controlled < 0.5 * fixed, (controlled, fixed)
 
 
+@pytest.mark.statistical
 def test_noise_gaussians_in_the_solvent_are_pruned(rng, one_thread):
     """Nine fitted blobs (centres 17.3 Å out, reaching 17.3 Å + 3σ = 23.3 Å) and four noise Gaussians
     of median mass in the solvent, 29 Å out, with the trainer's learning rates. ``radius`` is the
@@ -503,7 +506,9 @@ def test_noise_gaussians_in_the_solvent_are_pruned(rng, one_thread):
     falls with its mass squared while Adam's second moment remembers the start), so the amplitude
     rule is slow for them, and leaving the particle sphere is what marks them. Decisions run from
     step 10, before a noise Gaussian moving ≤ 1 Å per step could cross the 8 Å to the sphere.
-    """
+
+    Statistical (seeded: see the ``statistical`` marker). Over 300 seeds 3 failed (only 3 of the noise Gaussians
+    pruned)."""
     sites = _sites(rng)
     masses = 0.5 + torch.rand(len(sites), generator=rng)
     noise = torch.randn(4, 3, generator=rng)

@@ -37,7 +37,10 @@ def _physical(folder):
     return m["means"], m["amplitudes"], cov
 
 
+@pytest.mark.statistical
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, rng):
+    """Statistical (seeded: see the ``statistical`` marker). Random data could put a density-control decision at its
+    threshold, where one and two processes (summing in different orders) may decide differently."""
     files = tiny_dataset(tmp_path / "data", rng, n_particles=64, box=20)
     _run(files["star"], tmp_path / "one", 1, "--refine-poses", "--refine-start", "0.5", "--pose-steps", "2")
     # each rank checks after every epoch that its model is bitwise the rank-0 model (density control
@@ -47,8 +50,12 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, rng):
     assert metrics["processes"] == 2
     one, two = _physical(tmp_path / "one"), _physical(tmp_path / "two")
     assert one[0].shape == two[0].shape  # the same density-control decisions as one process
-    # summation order differs between one and two processes: float32 rounding, amplified a little by Adam
-    np.testing.assert_allclose(one[0], two[0], atol=2e-3)  # Å
+    # summation order differs between one and two processes: float32 rounding, which Adam can turn into
+    # one step of the other sign; at the final learning rate (0.5 px × 0.02) that moves a centre by
+    # 0.02 px (on seed 0, 2.4e-3 Å of 0.04 Å)
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    final_step = (config["lr_means"] or 0.5 * metrics["pixel_size"]) * config["final_lr_fraction"]
+    np.testing.assert_allclose(one[0], two[0], atol=2 * final_step)  # Å
     np.testing.assert_allclose(one[1], two[1], rtol=2e-3)
     # a rounding-level gradient can flip the sign of one Adam step of a log-scale (lr 0.02), which moves
     # that Gaussian's variance by up to 4 %: the covariances agree to that

