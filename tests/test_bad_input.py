@@ -268,6 +268,8 @@ CASES = [
     ("gaussians-zero", lambda t, d: good(d, "--gaussians", "0"), ["--gaussians"]),
     ("gaussians-a-billion", lambda t, d: good(d, "--gaussians", "1000000000", "--init", "random"),
      ["1,000,000,000 Gaussians", "GiB"]),
+    ("gaussians-a-billion-on-a-map", lambda t, d: good(d, "--gaussians", "1000000000", "--init", "map", str(d["map"])),
+     ["1,000,000,000 Gaussians", "GiB"]),
     ("gaussians-not-a-number", lambda t, d: good(d, "--gaussians", "many"), ["--gaussians", "many"]),
     ("batch-size-zero", lambda t, d: good(d, "--batch-size", "0"), ["--batch-size"]),
     ("learning-rate-negative", lambda t, d: good(d, "--lr-means", "-1"), ["--lr-means"]),

@@ -256,7 +256,8 @@ def main(args):
                           "run in --out")
     report = Report(bars=not args.no_progress, enabled=group.is_main)
     if args.resume:
-        report.line(f"resuming the run in {args.out} with its recorded settings: {', '.join(folder.restored)}")
+        report.line(f"resuming the run in {args.out} with its recorded settings: "
+                    f"{', '.join(folder.restored) or 'all options at their defaults'}")
     report.line(f"set-up: reading {args.particles}")
     particles = load_particles_from_args(args)
     config_file = args.out / "config.json"
@@ -279,11 +280,11 @@ def main(args):
             coarse=args.coarse, init=shlex.join(map(str, args.init)))
         config.densify, config.contrast, config.refine_poses = args.densify, args.contrast, args.refine_poses
     mask_radius = _check_inputs(args, particles)
+    check_memory(config)
     initial = _initial_model(shlex.split(config.init), config.n_gaussians, config.seed, config.device, report)
     if initial is not None and not args.resume and not config.init.startswith("backproject"):
         initial = initial(particles)  # a file's start: read it now, to fail early and to know its N
         config.n_gaussians = len(initial)
-    check_memory(config)
     report.line(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
                 f"{config.n_gaussians} Gaussians (start: {config.init}), {config.epochs} epochs"
                 + (" per half" if args.half_maps else "") + f" on {config.device}"
