@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/cryogs demo --out cryogs-demo "$@"
+.venv/bin/cryogs demo --out cryogs-demo --overwrite "$@"   # a rerun replaces the last demo

@@ -3,6 +3,7 @@
 # The CUDA extension is compiled when torch is a CUDA build and nvcc is found (CUDA_HOME, else
 # /usr/local/cuda); then a compile error fails this script. CRYOGS_BUILD_CUDA=0 skips it.
 # CRYOGS_TORCH overrides the torch requirement (default torch==2.14.1, a CUDA 13.0 build).
+# Before the long step it says whether it compiles the extension, and roughly how long that takes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,13 @@ fi
 if [ -z "${CRYOGS_BUILD_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] \
         && python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
     export CRYOGS_BUILD_CUDA=1   # a toolkit is here: the extension must build
+fi
+if [ "${CRYOGS_BUILD_CUDA:-0}" = 1 ]; then
+    echo "cryogs: installing and compiling the CUDA extension with ${CUDA_HOME:-nvcc}: about 9 minutes" \
+         "on 2 CPU cores (a few minutes on more), with no output until it ends (CRYOGS_BUILD_CUDA=0 skips it)"
+else
+    echo "cryogs: installing without compiling the CUDA extension (no nvcc, a CPU-only torch, or" \
+         "CRYOGS_BUILD_CUDA=0); under a minute"
 fi
 python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
 python -c 'from cryogs.render import _extension; print(f"cryogs: CUDA extension {_extension.status()}")'

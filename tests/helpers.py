@@ -17,3 +17,12 @@ def random_poses(b, gen, *, max_shift=4.0, dtype=torch.float64):
     rot = random_rotations(b, generator=gen, dtype=dtype)
     shifts = (torch.rand(b, 2, generator=gen, dtype=dtype) * 2 - 1) * max_shift
     return rot, shifts
+
+
+def mark_unfinished(run_folder):
+    """Make a finished run's record say it was stopped, as a killed run leaves it (tests that fake an
+    interruption by deleting files need it: a finished run is not resumed)."""
+    import json
+
+    record = run_folder / "run.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))

@@ -13,6 +13,8 @@ from cryogs.cli import COMMANDS
 from cryogs.model.gaussians import GaussianModel
 from cryogs.simulate import simulate_stack, write_dataset
 
+from helpers import mark_unfinished
+
 
 def cryogs(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "cryogs", *map(str, args)], capture_output=True, text=True,
@@ -100,7 +102,7 @@ def test_non_positive_pixel_size(tmp_path, dataset):
 
 def test_zero_gaussians(tmp_path, dataset):
     assert_one_line_error(cryogs("reconstruct", dataset["star"], "--out", tmp_path / "run", "--gaussians", "0"),
-                          "Gaussians")
+                          "--gaussians")
 
 
 def test_missing_star_file(tmp_path):
@@ -145,6 +147,7 @@ def test_half_maps_resume_when_the_second_half_never_checkpointed(tmp_path, data
     assert cryogs(*args).returncode == 0
     (out / "half2" / "checkpoint.pt").unlink()  # as if stopped during half 2's first epoch
     (out / "map.mrc").unlink()
+    mark_unfinished(out)
     res = cryogs(*args, "--resume")
     assert res.returncode == 0, res.stderr
     assert "starting it afresh" in res.stdout and (out / "map.mrc").exists()

@@ -147,9 +147,9 @@ def test_plot_fsc(tmp_path):
     freqs = np.arange(17) / (32 * 2.0)
     curves = {"half maps": (freqs, np.exp(-((freqs * 10) ** 2))), "model vs map": (freqs, np.ones(17))}
     out = tmp_path / "fsc.png"
-    plot_fsc(out, curves, title="test")
+    plot_fsc(out, curves, title="test", mask="no mask")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert os.listdir(tmp_path) == ["fsc.png"]  # the temporary file was renamed, not left behind
-    plot_fsc(tmp_path / "fsc.pdf", curves)
+    plot_fsc(tmp_path / "fsc.pdf", curves, mask="no mask")
     assert (tmp_path / "fsc.pdf").read_bytes()[:4] == b"%PDF"

@@ -14,6 +14,7 @@ from cryogs.model.gaussians import GaussianModel
 from cryogs.reconstruct.config import default_config
 from cryogs.reconstruct.fit import run_training
 
+from helpers import mark_unfinished
 from test_resume import tiny_dataset
 
 DATA = Path(__file__).parent / "data"
@@ -71,6 +72,7 @@ def test_resume_before_the_first_checkpoint_keeps_the_init(tmp_path, rng):
     assert cryogs(["reconstruct", *common, "--out", str(tmp_path / "full")]) == 0
     assert cryogs(["reconstruct", *common, "--out", str(tmp_path / "stopped")]) == 0
     (tmp_path / "stopped" / "checkpoint.pt").unlink()  # as if killed before the first checkpoint
+    mark_unfinished(tmp_path / "stopped")
     assert cryogs(["reconstruct", str(files["star"]), "--out", str(tmp_path / "stopped"), "--resume",
                    "--no-progress", "--device", "cpu"]) == 0
     full, resumed = (GaussianModel.load(tmp_path / d / "gaussians.npz") for d in ("full", "stopped"))

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from cryogs.errors import CryogsError
-from cryogs.io.mrc import read_mrc
+from cryogs.io.mrc import read_map_geometry, read_mrc
 
-from .fsc import fsc, plot_fsc, resolution_at
+from .fsc import SOFT_EDGE_VOXELS, fsc, mask_label, plot_fsc, resolution_at
 
 
 def compare_maps(volume: np.ndarray, reference: np.ndarray, pixel_size: float, *, mask_radius: float | None = None):
@@ -25,17 +25,32 @@ def compare_maps(volume: np.ndarray, reference: np.ndarray, pixel_size: float, *
     metrics = {"fsc_0.5_angstrom": float(resolution_at(freqs, curve, 0.5)),
                "fsc_0.143_angstrom": float(resolution_at(freqs, curve, 0.143)),
                "correlation": corr, "fsc_mask_radius_angstrom": radius,
+               "fsc_mask_edge_angstrom": SOFT_EDGE_VOXELS * pixel_size,
                "fsc_curve": {"frequency_per_angstrom": freqs.tolist(), "fsc": curve.tolist()}}
     return metrics, freqs, curve
 
 
-def compare_maps_files(volume: np.ndarray, pixel_size: float, reference, figure: Path | None = None) -> dict:
-    """:func:`compare_maps` against a reference MRC file (its voxel size must match), with ``fsc.png``."""
+def check_reference(reference, box_size: int, pixel_size: float) -> None:
+    """Refuse a reference map that is missing, unreadable, or not on the particles' grid (box and
+    voxel size), from its header: before a run, not after it."""
+    shape, voxel = read_map_geometry(reference)
+    if shape != (box_size,) * 3:
+        raise CryogsError(f"--reference {reference}: its box is {shape[2]}x{shape[1]}x{shape[0]} voxels, the "
+                          f"particles' {box_size} px (after --downsample, if given); resample it to match")
+    if not np.allclose(voxel, pixel_size, rtol=1e-3):
+        raise CryogsError(f"--reference {reference}: its voxel size is {voxel[0]:.4g} Å, the particles' pixel size "
+                          f"{pixel_size:.4g} Å (after --downsample, if given); resample it to match")
+
+
+def compare_maps_files(volume: np.ndarray, pixel_size: float, reference, figure: Path | None = None, *,
+                       mask_radius: float | None = None) -> dict:
+    """:func:`compare_maps` against a reference MRC file (its voxel size must match), with its figure."""
     ref, voxel = read_mrc(reference)
     if not np.allclose(voxel, pixel_size, rtol=1e-3):
         raise CryogsError(f"{reference}: voxel size {voxel} Å differs from the particles' {pixel_size} Å")
-    metrics, freqs, curve = compare_maps(volume, ref, pixel_size)
+    metrics, freqs, curve = compare_maps(volume, ref, pixel_size, mask_radius=mask_radius)
     if figure is not None:
         plot_fsc(figure, {"reconstruction vs reference": (freqs, curve)},
-                 title=f"FSC vs {Path(reference).name}: {metrics['fsc_0.5_angstrom']:.2f} Å at 0.5")
+                 title=f"FSC vs {Path(reference).name}: {metrics['fsc_0.5_angstrom']:.2f} Å at 0.5",
+                 mask=mask_label(metrics["fsc_mask_radius_angstrom"], pixel_size))
     return metrics

@@ -16,8 +16,14 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
-def plot_loss(path, steps_per_epoch: int, losses) -> None:
-    """Per-step training loss on a log axis, with a per-epoch running mean."""
+def plot_loss(path, steps_per_epoch: int, losses, noise_floor: float | None = None) -> None:
+    """Per-step training loss on a log axis, with a per-epoch running mean and, when known, the noise
+    floor: the loss of a perfect model, below which only overfitting goes.
+
+    The loss is the data term per image in units of the images' variance: Σ pixels (data − model)²
+    over D²·var(images) (whitened first with the coloured noise model), so an empty model scores
+    about 1 and a perfect one the noise variance over the image variance.
+    """
     losses = np.asarray(losses, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     epochs = np.arange(len(losses)) / max(1, steps_per_epoch)
@@ -25,9 +31,11 @@ def plot_loss(path, steps_per_epoch: int, losses) -> None:
     if len(losses) >= steps_per_epoch > 1:
         kernel = np.ones(steps_per_epoch) / steps_per_epoch
         ax.plot(epochs[steps_per_epoch - 1:], np.convolve(losses, kernel, mode="valid"), lw=1.5, label="epoch mean")
+    if noise_floor is not None and noise_floor > 0:
+        ax.axhline(noise_floor, color="black", ls="--", lw=1, label=f"noise floor ({noise_floor:.3g})")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss: Σ pixels (data − model)², per image")
+    ax.set_ylabel("mean (data − model)² per pixel\n/ variance of the images")
     ax.legend()
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -16,7 +16,11 @@ import numpy as np
 from cryogs.errors import CryogsError
 from cryogs.io.atomic import atomic_path
 
-__all__ = ["fsc", "soft_spherical_mask", "resolution_at", "Resolution", "plot_fsc", "shell_index"]
+__all__ = ["fsc", "soft_spherical_mask", "resolution_at", "Resolution", "plot_fsc", "shell_index",
+           "check_mask_radius", "mask_label", "SOFT_EDGE_VOXELS"]
+
+#: Width of the mask's cosine edge, in voxels, unless given.
+SOFT_EDGE_VOXELS = 6.0
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -56,6 +60,22 @@ def _half_weights(D: int) -> np.ndarray:
     return w
 
 
+def check_mask_radius(radius: float, pixel_size: float) -> None:
+    """A mask of radius below one voxel keeps (almost) nothing, and the FSC of nothing reads Nyquist:
+    refuse it, as a negative one."""
+    if not (math.isfinite(radius) and radius >= pixel_size):
+        raise CryogsError(f"the FSC mask radius must be at least one voxel ({pixel_size:.4g} Å), got {radius:g} Å; "
+                          "it is a radius in Å")
+
+
+def mask_label(radius: float | None, pixel_size: float, soft_edge: float | None = None) -> str:
+    """How :func:`fsc` masks, in words, for figures: radius and width of the soft edge in Å."""
+    if radius is None:
+        return "no mask"
+    edge = SOFT_EDGE_VOXELS * pixel_size if soft_edge is None else soft_edge
+    return f"mask: soft sphere of radius {radius:.1f} Å, cosine edge {edge:.1f} Å"
+
+
 def fsc(
     map1,
     map2,
@@ -67,8 +87,8 @@ def fsc(
 ):
     """FSC of two cubic maps ``[D, D, D]`` (numpy or torch).
 
-    ``pixel_size`` in Å. With ``mask_radius`` (Å) both maps are multiplied by a soft spherical
-    mask of that radius with a cosine edge of ``soft_edge`` Å (default 6 voxels) first.
+    ``pixel_size`` in Å. With ``mask_radius`` (Å, at least one voxel) both maps are multiplied by a
+    soft spherical mask of that radius with a cosine edge of ``soft_edge`` Å (default 6 voxels) first.
 
     Returns ``(freqs, curve)``: ``D//2 + 1`` shell frequencies in Å⁻¹ (0 … Nyquist) and the FSC per
     shell (float64; a shell where either map has no power gets 0). With ``return_counts=True`` a
@@ -87,7 +107,8 @@ def fsc(
         raise CryogsError(f"FSC: pixel size must be positive, got {pixel_size}")
     D = a.shape[0]
     if mask_radius is not None:
-        edge = 6.0 * pixel_size if soft_edge is None else float(soft_edge)
+        check_mask_radius(mask_radius, pixel_size)
+        edge = SOFT_EDGE_VOXELS * pixel_size if soft_edge is None else float(soft_edge)
         mask = soft_spherical_mask(D, mask_radius / pixel_size, edge / pixel_size).astype(np.float64)
         a, b = a * mask, b * mask
 
@@ -157,11 +178,14 @@ def plot_fsc(
     curves: Mapping[str, tuple],
     thresholds: Sequence[float] = (0.5, 0.143),
     *,
+    mask: str,
     title: str | None = None,
+    note: str | None = None,
 ) -> None:
     """Plot FSC curves ``{label: (freqs [1/Å], curve)}`` to an image file (format from the suffix),
-    with dashed threshold lines, the x axis in Å⁻¹ and a top axis in Å. Written atomically;
-    needs no display (Agg)."""
+    with dashed threshold lines, the x axis in Å⁻¹ and a top axis in Å. ``mask`` (:func:`mask_label`)
+    is printed under the axes, so no curve is shown without its mask, and ``note`` (what the curve
+    means) under it. Written atomically; needs no display (Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -196,7 +220,10 @@ def plot_fsc(
         top.set_xticks(ticks)
         top.set_xticklabels([f"{1.0 / f:.3g}" for f in ticks])
     ax.grid(alpha=0.3)
+    footer = "\n".join(t for t in (mask, note) if t)
+    ax.annotate(footer, xy=(0, 0), xycoords="axes fraction", xytext=(0, -34), textcoords="offset points",
+                ha="left", va="top", fontsize=7.5, wrap=True)  # below the x label
     fig.tight_layout()
     path = os.fspath(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".").lower() or "png")
+        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".").lower() or "png", bbox_inches="tight")

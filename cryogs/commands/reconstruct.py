@@ -1,14 +1,21 @@
 """Fit 3D Gaussians to particle images with known poses (min Σ‖I − Γ(θ, pose)‖²) and write the map.
 
-Outputs in DIR: map.mrc (voxel size set, opens at scale in ChimeraX), gaussians.npz/.pt/.ply,
-slices.png (central slices), gaussians.png (centres coloured by amplitude), loss.png, montage.png
-(data, model and residual for a few particles), metrics.json, config.json, command.txt and
-checkpoint.pt (written every --checkpoint-every steps and every epoch; continue a stopped or killed
-run with --resume, which reuses the saved configuration and continues mid-epoch). With
---half-maps: half1.mrc, half2.mrc, map.mrc (their average), fsc.png (half-map FSC) and
+Outputs in DIR, which must be new or empty (--overwrite writes over another run's files; --resume
+continues the run in it): map.mrc (voxel size set, opens at scale in ChimeraX),
+gaussians.npz/.pt/.ply, slices.png (central slices), gaussians.png (centres coloured by
+amplitude), loss.png (with the noise floor), montage.png (data, model and residual for a few
+particles), metrics.json, config.json, command.txt (every command line that wrote into DIR),
+run.json (what determines the run, for --resume) and checkpoint.pt (written every
+--checkpoint-every steps and every epoch). With --half-maps: half1.mrc, half2.mrc, map.mrc (their
+average), fsc.png (half-map FSC), half_split.star (each particle's half, as _rlnRandomSubset) and
 metrics.json in DIR, and each half's own outputs in DIR/half1, DIR/half2; with --reference also
 the FSC against it (fsc.png, or fsc_reference.png with half maps). With --refine-poses:
 refined_poses.star.
+
+A stopped or killed run continues with 'cryogs reconstruct --out DIR --resume': the particle file
+and every option come from DIR/run.json (an option given with another value, or an input file
+whose content changed, is refused; only --device, --backend, --gpus and --no-progress may change),
+and the fit continues mid-epoch from the last checkpoint. A finished run is left as it is.
 
 The CTF of every particle (RELION's formula and sign) is applied to the rendered images when the
 STAR file has defocus columns; particles without them are reconstructed without a CTF.
@@ -27,7 +34,7 @@ gradients are all-reduced, so the result matches one process with the same --bat
 Examples:
   cryogs reconstruct particles.star --out run1
   cryogs reconstruct particles.star --out run1 --datadir /data/Extract --gaussians 3000 --epochs 30
-  cryogs reconstruct particles.star --out run1 --resume
+  cryogs reconstruct --out run1 --resume
   cryogs reconstruct particles.star --out run1 --half-maps --reference emd_1234.mrc
   cryogs reconstruct particles.star --out run2 --init random --seed 7
   cryogs reconstruct particles.star --out run3 --init pdb model.cif --refine-poses --noise coloured --contrast
@@ -41,23 +48,33 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from cryogs.commands._options import add_compute_args, add_particle_args, load_particles_from_args
+from cryogs.commands._options import (
+    add_compute_args,
+    add_output_args,
+    add_particle_args,
+    add_progress_arg,
+    fraction,
+    load_particles_from_args,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from cryogs.errors import CryogsError
 
 
 def add_args(parser):
-    add_particle_args(parser)
-    parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
-    parser.add_argument("--gaussians", "-n", type=int, default=None,
+    add_particle_args(parser, resumable=True)
+    add_output_args(parser)
+    parser.add_argument("--gaussians", type=positive_int, default=None,
                         help="number of Gaussians (default: from the particle volume)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="passes over the particles (default: about 20,000 images per model, 4 to 40 epochs; "
                         "with --half-maps each half is a model)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32)")
-    parser.add_argument("--lr-means", type=float, default=None, help="initial step for the centres, Å (default: 0.5 px)")
-    parser.add_argument("--lr-scales", type=float, default=None, help="initial step for the log-scales (default: 0.02)")
-    parser.add_argument("--lr-quats", type=float, default=None, help="initial step for the rotations (default: 0.02)")
-    parser.add_argument("--lr-amplitudes", type=float, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default: 32)")
+    parser.add_argument("--lr-means", type=positive_float, default=None, help="initial step for the centres, Å (default: 0.5 px)")
+    parser.add_argument("--lr-scales", type=positive_float, default=None, help="initial step for the log-scales (default: 0.02)")
+    parser.add_argument("--lr-quats", type=positive_float, default=None, help="initial step for the rotations (default: 0.02)")
+    parser.add_argument("--lr-amplitudes", type=positive_float, default=None,
                         help="initial step for the log-amplitudes (default: 0.03)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation and order (default: 0)")
     parser.add_argument("--init", nargs="+", default=["backproject"], metavar="KIND [FILE]",
@@ -68,7 +85,7 @@ def add_args(parser):
                              "centre). On a map: --gaussians of them, at its peaks and the rest drawn where its "
                              "density is (default: backproject; better than random on the quality benchmark, "
                              "see benchmarks/QUALITY.md)")
-    parser.add_argument("--max-gaussians", type=int, default=None,
+    parser.add_argument("--max-gaussians", type=positive_int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
     parser.add_argument("--densify", action="store_true",
                         help="adaptive density control: split, clone and prune Gaussians during the first half of "
@@ -80,55 +97,72 @@ def add_args(parser):
     parser.add_argument("--contrast", action="store_true",
                         help="fit a contrast scale per image (closed form, every step): for data whose particles "
                              "vary in ice thickness or normalisation")
-    parser.add_argument("--reg-repulsion", type=float, default=None,
+    parser.add_argument("--reg-repulsion", type=non_negative_float, default=None,
                         help="weight of the prior keeping Gaussian centres at least --reg-min-distance apart (default: 0, off)")
-    parser.add_argument("--reg-min-distance", type=float, default=None,
+    parser.add_argument("--reg-min-distance", type=positive_float, default=None,
                         help="minimum distance in Å between Gaussian centres for --reg-repulsion (default: 1 pixel)")
-    parser.add_argument("--reg-scale", type=float, default=None,
+    parser.add_argument("--reg-scale", type=non_negative_float, default=None,
                         help="weight of the soft prior keeping Gaussian widths within [0.5, 3] pixels (default: 0, off)")
-    parser.add_argument("--reg-tv", type=float, default=None,
+    parser.add_argument("--reg-tv", type=non_negative_float, default=None,
                         help="weight of the total-variation prior on the voxelized map (default: 0, off)")
-    parser.add_argument("--reg-smooth", type=float, default=None,
+    parser.add_argument("--reg-smooth", type=non_negative_float, default=None,
                         help="weight of the squared-gradient smoothness prior on the voxelized map (default: 0, off)")
     parser.add_argument("--refine-poses", action="store_true",
                         help="refine each particle's rotation and shift with the Gaussians (from --refine-start on); "
                              "writes refined_poses.star")
-    parser.add_argument("--refine-start", type=float, default=None,
+    parser.add_argument("--refine-start", type=fraction, default=None,
                         help="fraction of the epochs fitted with fixed poses before --refine-poses starts (default: 0.5)")
-    parser.add_argument("--lr-rotation", type=float, default=None,
+    parser.add_argument("--lr-rotation", type=positive_float, default=None,
                         help="initial pose-refinement step for rotations, degrees (default: 0.5)")
-    parser.add_argument("--lr-shift", type=float, default=None,
+    parser.add_argument("--lr-shift", type=positive_float, default=None,
                         help="initial pose-refinement step for shifts, Å (default: 0.2 px)")
-    parser.add_argument("--pose-steps", type=int, default=None,
+    parser.add_argument("--pose-steps", type=positive_int, default=None,
                         help="pose-refinement steps per batch and epoch: all but the last against the current "
                              "Gaussians, the last jointly with them; a rotation needs tens of steps (default: 8)")
-    parser.add_argument("--coarse", type=float, default=None,
+    parser.add_argument("--coarse", type=fraction, default=None,
                         help="fraction of the steps fitted to images Fourier-cropped to half the box (pixels twice "
                              "as large; 4× fewer pixels to render) before the full-size images: the low "
                              "resolution is placed first (default: 0, off)")
-    parser.add_argument("--checkpoint-every", type=int, default=None,
+    parser.add_argument("--checkpoint-every", type=positive_int, default=None,
                         help="steps between mid-epoch checkpoints; one is also written after every epoch (default: 200)")
-    parser.add_argument("--gpus", type=int, default=None,
+    parser.add_argument("--gpus", type=positive_int, default=None,
                         help="train on this many GPUs of this node: relaunches the command under torchrun "
                              "(same as 'torchrun --nproc_per_node=K -m cryogs reconstruct ...')")
     parser.add_argument("--half-maps", action="store_true",
-                        help="gold standard: fit two independent half-set models (split by rlnRandomSubset when "
-                             "present, else at random), write half1.mrc, half2.mrc and their average map.mrc, and "
-                             "report the half-map FSC at 0.143 with a soft spherical mask (for a Gaussian model it "
-                             "measures reproducibility and overstates the resolution; see benchmarks/QUALITY.md)")
-    parser.add_argument("--mask-radius", type=float, default=None,
-                        help="radius in Å of the soft spherical mask for the half-map FSC (default: particle "
-                             "radius estimated from the images, plus 4 pixels)")
+                        help="fit two independent half-set models (split by rlnRandomSubset when present, else at "
+                             "random; the split is written to half_split.star), write half1.mrc, half2.mrc and "
+                             "their average map.mrc, and report their FSC at 0.143 with a soft spherical mask. For "
+                             "a Gaussian model it measures reproducibility, not resolution: it overstates the "
+                             "resolution (see README, 'What each FSC means')")
+    parser.add_argument("--mask-radius", type=positive_float, default=None,
+                        help="radius in Å (not a diameter, not pixels) of the soft spherical mask of the FSCs, "
+                             "half-map and --reference (default: the particle radius estimated from the images, "
+                             "plus 4 pixels, as 'cryogs backproject')")
     parser.add_argument("--reference", type=Path, default=None,
-                        help="known map to report the FSC against at 0.5 (its box and voxel size must match)")
+                        help="known map to report the FSC against at 0.5 (its box and voxel size must match the "
+                             "particles', after --downsample; checked before the run starts)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue a stopped run in DIR from its last checkpoint, with its saved configuration "
-                             "(--device and --backend may change)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+                        help="continue the stopped run in --out from its last checkpoint, with everything that "
+                             "determines it (particle file, data and training options) as recorded in its run.json; "
+                             "only --device, --backend, --gpus and --no-progress may change, and an option given "
+                             "with another value is refused. A finished run is left as it is")
+    add_progress_arg(parser)
     add_compute_args(parser)
 
 
-def _initial_model(words, n_gaussians: int, seed: int, device: str):
+def _init_words(words: list[str]) -> list:
+    """--init's words, checked, with the file of 'map FILE' or 'pdb FILE' as a Path (recorded as an input)."""
+    kind, *rest = words
+    if kind in ("random", "backproject") and not rest:
+        return words
+    if kind not in ("map", "pdb") or len(rest) != 1:
+        raise CryogsError(f"--init {shlex.join(words)}: use 'random', 'backproject', 'map MAP' or 'pdb MODEL'")
+    if not Path(rest[0]).is_file():
+        raise CryogsError(f"--init {kind}: {rest[0]} does not exist")
+    return [kind, Path(rest[0])]
+
+
+def _initial_model(words, n_gaussians: int, seed: int, device: str, report):
     """The start named by --init ``words``: None for random Gaussians, else a function of the particle set
     a model trains on (all particles, or one half with --half-maps), called only if no checkpoint
     replaces the start."""
@@ -137,12 +171,15 @@ def _initial_model(words, n_gaussians: int, seed: int, device: str):
     from cryogs.reconstruct.backproject import gaussians_on_backprojection
 
     kind, *rest = words
-    if kind == "random" and not rest:
+    if kind == "random":
         return None
-    if kind == "backproject" and not rest:  # each half from its own particles: the halves stay independent
-        return lambda ps: gaussians_on_backprojection(ps, n_gaussians, seed=seed, device=device)
-    if kind not in ("map", "pdb") or len(rest) != 1:
-        raise CryogsError(f"--init {shlex.join(words)}: use 'random', 'backproject', 'map MAP' or 'pdb MODEL'")
+    if kind == "backproject":  # each half from its own particles: the halves stay independent
+
+        def backprojection(ps):
+            report.line(f"start: backprojecting the {len(ps)} particles, {n_gaussians} Gaussians on the map")
+            return gaussians_on_backprojection(ps, n_gaussians, seed=seed, device=device, progress=report.bars,
+                                               label="start: ")
+        return backprojection
     path = Path(rest[0])
 
     def start(ps):
@@ -166,14 +203,38 @@ def _read_map(path):
     return volume, float(voxel[0])
 
 
-def main(args):
-    from cryogs.analysis.evaluate import compare_maps_files
-    from cryogs.io.atomic import write_json
-    from cryogs.reconstruct import distributed
-    from cryogs.reconstruct.config import TrainConfig, default_config
-    from cryogs.reconstruct.fit import run_training
-    from cryogs.reconstruct.half_maps import run_half_maps
+def _check_inputs(args, particles) -> float:
+    """Refuse, before any expensive step, what would fail or mean nothing at the end; returns the radius
+    (Å) of the mask of every FSC of the run."""
+    from cryogs.analysis.evaluate import check_reference
+    from cryogs.analysis.fsc import check_mask_radius
+    from cryogs.reconstruct.config import default_mask_radius
 
+    if args.reference is not None:
+        check_reference(args.reference, particles.box_size, particles.pixel_size)
+    if args.mask_radius is not None:
+        check_mask_radius(args.mask_radius, particles.pixel_size)
+    if args.half_maps and len(particles) < 2:
+        raise CryogsError(f"--half-maps needs at least 2 particles, got {len(particles)}")
+    if args.half_maps or args.reference is not None:
+        return default_mask_radius(particles) if args.mask_radius is None else args.mask_radius
+    return args.mask_radius
+
+
+def main(args):
+    import time
+
+    from cryogs.analysis.evaluate import compare_maps_files
+    from cryogs.commands._run_folder import RunFolder
+    from cryogs.io.atomic import write_json
+    from cryogs.io.progress import Report
+    from cryogs.reconstruct import distributed
+    from cryogs.reconstruct.config import TrainConfig, check_memory, default_config
+    from cryogs.reconstruct.fit import planned_steps, run_training
+    from cryogs.reconstruct.half_maps import HALF_MAP_CAVEAT, run_half_maps
+
+    if args.resume and args.overwrite:
+        raise CryogsError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.gpus and args.gpus > 1 and distributed.world()[1] == 1:
         argv, skip = [], False
         for a in sys.argv[1:]:  # everything but --gpus K
@@ -182,17 +243,30 @@ def main(args):
                 continue
             argv.append(a)
         distributed.launch(args.gpus, argv)
+    start_time = time.perf_counter()
     group, device = distributed.init(args.device)
+    args.init = _init_words(args.init)
+    folder = RunFolder.prepare(args, main=group.is_main)
+    if folder.finished_before:
+        if group.is_main:
+            print(f"the run in {args.out} has finished; nothing to resume, its outputs are left as they are")
+        return
+    if args.particles is None:
+        raise CryogsError("give the particle file (a STAR, .cs, .mrcs or .txt file), or --resume to continue the "
+                          "run in --out")
+    report = Report(bars=not args.no_progress, enabled=group.is_main)
+    if args.resume:
+        report.line(f"resuming the run in {args.out} with its recorded settings: "
+                    f"{', '.join(folder.restored) or 'all options at their defaults'}")
+    report.line(f"set-up: reading {args.particles}")
     particles = load_particles_from_args(args)
     config_file = args.out / "config.json"
     if args.resume:
         if not config_file.exists():
-            raise CryogsError(f"--resume: no earlier run in {args.out} (missing {config_file})")
+            raise CryogsError(f"--resume: {args.out} has no configuration yet ({config_file}); start it again "
+                              "with --overwrite")
         config = TrainConfig.from_dict(json.loads(config_file.read_text()))
         config.device, config.backend = str(device), args.backend  # where it runs now may differ
-        if group.is_main:
-            print(f"resuming with the configuration in {config_file}; only --device and --backend are taken "
-                  "from this command line")
     else:
         config = default_config(
             particles, images_per_model=len(particles) // 2 if args.half_maps else None,
@@ -203,40 +277,49 @@ def main(args):
             reg_min_distance=args.reg_min_distance, reg_scale=args.reg_scale, reg_tv=args.reg_tv,
             reg_smooth=args.reg_smooth, refine_start=args.refine_start, lr_rotation=args.lr_rotation,
             lr_shift=args.lr_shift, pose_steps=args.pose_steps, checkpoint_every=args.checkpoint_every,
-            coarse=args.coarse, init=shlex.join(args.init))
+            coarse=args.coarse, init=shlex.join(map(str, args.init)))
         config.densify, config.contrast, config.refine_poses = args.densify, args.contrast, args.refine_poses
-    initial = _initial_model(shlex.split(config.init), config.n_gaussians, config.seed, config.device)
+    mask_radius = _check_inputs(args, particles)
+    check_memory(config)
+    initial = _initial_model(shlex.split(config.init), config.n_gaussians, config.seed, config.device, report)
     if initial is not None and not args.resume and not config.init.startswith("backproject"):
         initial = initial(particles)  # a file's start: read it now, to fail early and to know its N
         config.n_gaussians = len(initial)
-    if group.is_main:
-        print(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
-              f"{config.n_gaussians} Gaussians (start: {config.init}), {config.epochs} epochs on {config.device}"
-              + (f", {group.size} processes" if group.size > 1 else ""))
-    command = shlex.join(["cryogs", *sys.argv[1:]])
-    progress = not args.no_progress
-    if args.half_maps:
-        if group.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_json(config_file, asdict(config))
-        volume, metrics = run_half_maps(particles, config, args.out, resume=args.resume, progress=progress,
-                                        command=command, mask_radius=args.mask_radius, initial=initial, group=group)
-    else:
-        trainer = run_training(particles, config, args.out, resume=args.resume, progress=progress, command=command,
-                               initial=initial, group=group)
-        volume, metrics = trainer.volume(), {}
-    if not group.is_main:
-        return
-    if args.reference is not None:
-        metrics.update(compare_maps_files(volume, particles.pixel_size, args.reference,
-                                          args.out / ("fsc_reference.png" if args.half_maps else "fsc.png")))
-    if args.half_maps:
-        write_json(args.out / "metrics.json", metrics)
-    else:
-        metrics = trainer.write_outputs(metrics, volume)
-    line = f"done in {metrics['train_seconds']:.0f} s"
+    report.line(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "
+                f"{config.n_gaussians} Gaussians (start: {config.init}), {config.epochs} epochs"
+                + (" per half" if args.half_maps else "") + f" on {config.device}"
+                + (f", {group.size} processes" if group.size > 1 else ""))
+    with folder.claimed():
+        if args.half_maps:
+            if group.is_main:
+                write_json(config_file, asdict(config))
+            volume, metrics = run_half_maps(particles, config, args.out, resume=args.resume,
+                                            command=args.command_line, mask_radius=mask_radius, initial=initial,
+                                            group=group, report=report)
+        else:
+            report.plan(planned_steps(len(particles), config))
+            trainer = run_training(particles, config, args.out, resume=args.resume, initial=initial, group=group,
+                                   report=report)
+            volume, metrics = trainer.volume(), {}
+        if not group.is_main:
+            return
+        if args.reference is not None:
+            report.line(f"FSC against {args.reference}")
+            metrics.update(compare_maps_files(volume, particles.pixel_size, args.reference,
+                                              args.out / ("fsc_reference.png" if args.half_maps else "fsc.png"),
+                                              mask_radius=mask_radius))
+        metrics["wall_seconds"] = time.perf_counter() - start_time
+        if args.half_maps:
+            write_json(args.out / "metrics.json", metrics)
+        else:
+            metrics = trainer.write_outputs(metrics, volume)
+        folder.finish()
+    report.close()
+    line = f"done in {metrics['wall_seconds']:.0f} s ({metrics['train_seconds']:.0f} s fitting)"
     if "fsc_half_0.143_angstrom" in metrics:
-        line += f"; half-map FSC 0.143: {metrics['fsc_half_0.143_angstrom']:.2f} Å"
+        limited = " (Nyquist-limited)" if metrics["fsc_half_nyquist_limited"] else ""
+        line += (f"; half-map FSC 0.143: {metrics['fsc_half_0.143_angstrom']:.2f} Å{limited}, "
+                 f"{HALF_MAP_CAVEAT}")
     if "fsc_0.5_angstrom" in metrics:
         line += f"; FSC vs reference at 0.5: {metrics['fsc_0.5_angstrom']:.2f} Å"
     print(f"{line}; outputs in {args.out}")

@@ -6,6 +6,7 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Iterator
 
 from cryogs.errors import CryogsError
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_json"]
 
 
 def _umask() -> int:
@@ -51,9 +52,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None: JSON has no NaN (Python would write a
+    bare ``NaN`` that other readers reject)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented, valid JSON (NaN and ±inf as null), atomically."""
     import json
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")

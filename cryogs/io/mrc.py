@@ -25,7 +25,7 @@ from cryogs.errors import CryogsError
 
 from .atomic import atomic_path
 
-__all__ = ["write_mrc", "read_mrc", "open_stack", "mrc_axis_permutation"]
+__all__ = ["write_mrc", "read_mrc", "read_map_geometry", "open_stack", "mrc_axis_permutation"]
 
 _STACK_SUFFIXES = (".mrcs",)
 
@@ -173,6 +173,29 @@ def read_mrc(path: str | os.PathLike, *, return_origin: bool = False):
     if return_origin:
         return vol, voxel, origin
     return vol, voxel
+
+
+def read_map_geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """``(shape (z, y, x), voxel size (x, y, z) in Å)`` of a map, from its header alone (to check a map
+    before a long run)."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(str(path), mode="r", permissive=True, header_only=True) as mrc:
+                header, vs = mrc.header, mrc.voxel_size
+                crs = (int(header.nx), int(header.ny), int(header.nz))
+                voxel = (float(vs.x), float(vs.y), float(vs.z))
+                axes = (int(header.mapc), int(header.mapr), int(header.maps))
+    except Exception as err:  # mrcfile raises ValueError, OSError, ... for damaged files
+        raise CryogsError(f"{path}: not a readable MRC file ({err})") from None
+    if sorted(axes) != [1, 2, 3]:
+        axes = (1, 2, 3)
+    xyz = [0, 0, 0]
+    for n, axis in zip(crs, axes):
+        xyz[axis - 1] = n
+    return (xyz[2], xyz[1], xyz[0]), voxel
 
 
 def open_stack(path: str | os.PathLike) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -288,7 +289,9 @@ def load_indices(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
         elif suffix == ".npy":
             raw = np.load(path, allow_pickle=False)
         elif suffix == ".txt":
-            raw = np.loadtxt(path, dtype=np.float64, ndmin=1, comments="#")
+            with warnings.catch_warnings():  # an empty file is reported below, in one line
+                warnings.simplefilter("ignore")
+                raw = np.loadtxt(path, dtype=np.float64, ndmin=1, comments="#")
         else:
             raise CryogsError(f"{path}: unknown index file type {suffix or '(no extension)'!r}; expected .pkl, .npy or .txt")
     except CryogsError:

@@ -161,8 +161,9 @@ def _fold_kx0_plane(grid: torch.Tensor) -> None:
 
 
 def accumulate(particles: ParticleSet, indices=None, *, device="cpu", batch_size: int = 64,
-               progress: bool = False) -> FourierSums:
-    """Insert particles ``indices`` (default all) into the padded 3D Fourier grid (see the module notes)."""
+               progress: bool = False, desc: str = "backproject") -> FourierSums:
+    """Insert particles ``indices`` (default all) into the padded 3D Fourier grid (see the module notes);
+    ``progress`` shows a bar labelled ``desc``."""
     if particles.rotations is None:
         raise CryogsError(f"{particles.source or 'the particles'}: no poses (angles), which backprojection needs")
     idx_all = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -176,7 +177,8 @@ def accumulate(particles: ParticleSet, indices=None, *, device="cpu", batch_size
     nx = Dp // 2 + 1
     sums = torch.zeros((Dp * Dp * nx, 3), dtype=torch.float64, device=device)  # Re Σ c F, Im Σ c F, Σ c²
     flat, fx, fy, sample_weight = _plane_points(D, device)
-    for start in tqdm(range(0, len(idx_all), batch_size), desc="backproject", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(idx_all), batch_size), desc=desc, unit="batch", leave=False,
+                      disable=not progress):
         idx = idx_all[start:start + batch_size]
         b = len(idx)
         images = torch.from_numpy(particles.images(idx)).to(device=device, dtype=torch.float64)
@@ -282,35 +284,43 @@ def backproject(particles: ParticleSet, indices=None, *, device="cpu", batch_siz
 
 
 def regularised_backprojection(particles: ParticleSet, *, seed: int = 0, device="cpu", batch_size: int = 64,
-                               progress: bool = False) -> np.ndarray:
+                               progress: bool = False, label: str = "") -> np.ndarray:
     """The Wiener-regularised map of all ``particles``, ``λ`` per shell from the FSC of their own two
     halves (split by :func:`cryogs.reconstruct.half_maps.half_split` with ``seed``): ``cryogs backproject``'s
     map.mrc. ``reconstruct --init backproject`` calls it on each half-set, so the two half models
-    start from independent maps."""
-    _, sums, halves = _half_sums(particles, seed, device=device, batch_size=batch_size, progress=progress)
+    start from independent maps. ``label`` prefixes the bars' labels."""
+    _, sums, halves = _half_sums(particles, seed, label=label, device=device, batch_size=batch_size,
+                                 progress=progress)
     return reconstruct(sums[0] + sums[1], _wiener_from_halves(sums, halves, particles.pixel_size))
 
 
-def gaussians_on_backprojection(particles: ParticleSet, n: int, *, seed: int = 0, device="cpu"):
+def gaussians_on_backprojection(particles: ParticleSet, n: int, *, seed: int = 0, device="cpu",
+                                progress: bool = False, label: str = ""):
     """``n`` Gaussians on :func:`regularised_backprojection` of ``particles``
-    (:meth:`cryogs.model.gaussians.GaussianModel.from_map`, drawn with ``seed``): the default start of a fit."""
+    (:meth:`cryogs.model.gaussians.GaussianModel.from_map`, drawn with ``seed``): the default start of a fit.
+    ``progress`` and ``label`` as for :func:`regularised_backprojection`."""
     from cryogs.model.gaussians import GaussianModel
 
     if len(particles) < 2:  # its Wiener filter comes from the FSC of two halves
         raise CryogsError(f"a start on the backprojection needs at least 2 particles per model, got "
                           f"{len(particles)}: start from random Gaussians (--init random)")
-    volume = regularised_backprojection(particles, seed=seed, device=device)
+    volume = regularised_backprojection(particles, seed=seed, device=device, progress=progress, label=label)
     return GaussianModel.from_map(volume, particles.pixel_size, n, seed=seed)
 
 
-def _half_sums(particles: ParticleSet, seed: int, **opts):
-    """``(idx1, idx2, how)``, the two halves' :class:`FourierSums` and their unregularised maps."""
+def _half_sums(particles: ParticleSet, seed: int, *, label: str = "", report=None, **opts):
+    """``(idx1, idx2, how)``, the two halves' :class:`FourierSums` and their unregularised maps; the bars
+    say which half (after ``label``), and a :class:`~cryogs.io.progress.Report` says when each starts."""
     from .half_maps import half_split
 
     if len(particles) < 2:
         raise CryogsError(f"half maps need at least 2 particles, got {len(particles)}")
     idx1, idx2, how = half_split(particles, seed)
-    sums = accumulate(particles, idx1, **opts), accumulate(particles, idx2, **opts)
+    sums = []
+    for k, idx in enumerate((idx1, idx2), start=1):
+        if report is not None:
+            report.line(f"{label}backprojecting half {k}: {len(idx)} particles ({how})")
+        sums.append(accumulate(particles, idx, desc=f"{label}backproject half {k}/2", **opts))
     return (idx1, idx2, how), sums, [reconstruct(s) for s in sums]  # unregularised: the FSC is the data's own
 
 
@@ -322,44 +332,43 @@ def _wiener_from_halves(sums, halves, pixel_size: float) -> np.ndarray:
     return wiener_from_fsc(unmasked, 0.5 * (shell_mean_weight(sums[0]) + shell_mean_weight(sums[1])))
 
 
-def _default_mask_radius(particles: ParticleSet) -> float:
-    """Particle radius estimated from the images plus 4 pixels, inside the box (Å), as ``reconstruct``."""
-    from .config import estimate_extent
-
-    p = particles.pixel_size
-    return min(estimate_extent(particles)[0] + 4 * p, 0.5 * particles.box_size * p - 2 * p)
-
-
 def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, seed: int = 0,
                     mask_radius: float | None = None, reference=None, wiener=None, device="cpu",
-                    batch_size: int = 64, progress: bool = True) -> dict:
+                    batch_size: int = 64, progress: bool = True, report=None) -> dict:
     """Reconstruct and write ``map.mrc`` (the full-data reconstruction), ``slices.png`` and ``metrics.json``.
 
     With ``half_maps`` the particles are split by :func:`cryogs.reconstruct.half_maps.half_split`; each half
     is accumulated once and reconstructed without regularisation (``half1.mrc``, ``half2.mrc``: a
     Wiener filter would hide their noise and leave the correlation that a mask induces between them
     at high frequency). Their unmasked FSC gives the per-shell Wiener ``λ`` (:func:`wiener_from_fsc`),
-    unless ``wiener`` fixes it, for the full map; ``fsc.png`` and the metrics report their FSC with
-    a soft spherical mask of ``mask_radius`` Å (default: the particle radius estimated from the
-    images plus 4 pixels, as ``reconstruct --half-maps``). With a
-    ``reference`` map the FSC against it goes to the metrics and ``fsc_reference.png``.
-    Returns the metrics.
+    unless ``wiener`` fixes it, for the full map; ``half_split.star`` says which particle went into
+    which half. Every FSC (``fsc.png``, and with a ``reference`` map ``fsc_reference.png``) uses a soft
+    spherical mask of ``mask_radius`` Å (default :func:`~cryogs.reconstruct.config.default_mask_radius`,
+    as ``reconstruct``). ``report`` (a :class:`~cryogs.io.progress.Report`) says how far it is; by
+    default its own, with bars unless ``progress`` is False. Returns the metrics.
     """
     from cryogs.analysis.evaluate import compare_maps_files
     from cryogs.analysis.figures import plot_slices
-    from cryogs.analysis.fsc import fsc, plot_fsc, resolution_at
+    from cryogs.analysis.fsc import SOFT_EDGE_VOXELS, fsc, mask_label, plot_fsc, resolution_at
     from cryogs.io.atomic import write_json
     from cryogs.io.mrc import write_mrc
+    from cryogs.io.progress import Report
 
+    from .config import default_mask_radius
+    from .outputs import HALF_SPLIT_STAR, particle_metrics, write_half_split_star
+
+    report = report or Report(bars=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p, D = particles.pixel_size, particles.box_size
+    p = particles.pixel_size
     start = time.perf_counter()
-    opts = {"device": device, "batch_size": batch_size, "progress": progress}
-    metrics = {"n_particles": len(particles), "box_size": D, "pixel_size_angstrom": p, "device": str(device),
-               "map": "full-data reconstruction", "padding": PADDING}
+    opts = {"device": device, "batch_size": batch_size, "progress": report.bars}
+    radius = default_mask_radius(particles) if mask_radius is None else mask_radius
+    metrics = {**particle_metrics(particles), "device": str(device), "map": "full-data reconstruction",
+               "padding": PADDING, "fsc_mask_radius_angstrom": radius, "fsc_mask_edge_angstrom": SOFT_EDGE_VOXELS * p}
     if half_maps:
-        (idx1, idx2, how), (sums1, sums2), halves = _half_sums(particles, seed, **opts)
+        (idx1, idx2, how), (sums1, sums2), halves = _half_sums(particles, seed, report=report, **opts)
+        write_half_split_star(out / HALF_SPLIT_STAR, particles, (idx1, idx2))
         for k, half in enumerate(halves, start=1):
             write_mrc(out / f"half{k}.mrc", half, p)
         if wiener is None:
@@ -368,24 +377,27 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
             metrics["wiener_per_shell"] = lam.tolist()
         else:
             lam = metrics["wiener"] = wiener
+        report.line("reconstructing the full map; half-map FSC")
         volume = reconstruct(sums1 + sums2, lam)
-        radius = _default_mask_radius(particles) if mask_radius is None else mask_radius
         freqs, curve = fsc(halves[0], halves[1], pixel_size=p, mask_radius=radius)
         r143, r5 = resolution_at(freqs, curve, 0.143), resolution_at(freqs, curve, 0.5)
         plot_fsc(out / "fsc.png", {"half 1 vs half 2": (freqs, curve)},
-                 title=f"backprojection, gold-standard FSC: {r143:.2f} Å at 0.143")
+                 title=f"backprojection, gold-standard half-map FSC: {r143:.2f} Å at 0.143",
+                 mask=mask_label(radius, p))
         metrics.update({"half_split": how, "half_sizes": [len(idx1), len(idx2)], "half_maps": "unregularised",
                         "fsc_half_0.143_angstrom": float(r143), "fsc_half_0.5_angstrom": float(r5),
                         "fsc_half_nyquist_limited": r143.nyquist_limited,
-                        "fsc_half_0.5_nyquist_limited": r5.nyquist_limited, "fsc_mask_radius_angstrom": radius,
+                        "fsc_half_0.5_nyquist_limited": r5.nyquist_limited,
                         "fsc_half_curve": {"frequency_per_angstrom": freqs.tolist(), "fsc": curve.tolist()}})
     else:
+        report.line(f"backprojecting {len(particles)} particles")
         volume = reconstruct(accumulate(particles, **opts), wiener)
         metrics["wiener"] = wiener
+    report.line("writing the map and the figures")
     write_mrc(out / "map.mrc", volume, p)
     plot_slices(out / "slices.png", volume, p)
     metrics["wall_seconds"] = time.perf_counter() - start
     if reference is not None:
-        metrics.update(compare_maps_files(volume, p, reference, out / "fsc_reference.png"))
+        metrics.update(compare_maps_files(volume, p, reference, out / "fsc_reference.png", mask_radius=radius))
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -96,6 +97,36 @@ def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) 
     r95 = r[order][min(len(r) - 1, np.searchsorted(cum, 0.95 * cum[-1]))]
     radius = float(np.clip(1.1 * r95, 0.15 * D, 0.45 * D)) * p
     return radius, total
+
+
+def default_mask_radius(particles: ParticleSet) -> float:
+    """Radius (Å) of the automatic soft mask of every FSC of a run on these particles: the particle
+    radius estimated from the images plus 4 pixels, inside the box. ``reconstruct`` and
+    ``backproject`` both use it, for the half-map FSC and the FSC against a reference alike."""
+    p = particles.pixel_size
+    return min(estimate_extent(particles)[0] + 4 * p, 0.5 * particles.box_size * p - 2 * p)
+
+
+#: Bytes a fit needs at least per Gaussian: its 11 float32 parameters, their gradients and Adam's two moments.
+BYTES_PER_GAUSSIAN = 11 * 4 * 4
+#: ... and per Gaussian and image of a batch: its projection (2D mean, conic, weight, radii) and their gradients.
+BYTES_PER_PROJECTION = 8 * 4 * 2
+
+
+def check_memory(config: TrainConfig) -> None:
+    """Refuse a model that cannot fit in the device's memory, from a lower bound on what the fit needs
+    (the largest N it may reach), before anything is allocated."""
+    n = max(config.n_gaussians, (config.max_gaussians or 2 * config.n_gaussians) if config.densify else 0)
+    need = n * (BYTES_PER_GAUSSIAN + config.batch_size * BYTES_PER_PROJECTION)
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device.index or 0).total_memory
+    else:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise CryogsError(f"{n:,} Gaussians with batches of {config.batch_size} images need at least "
+                          f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of {device}; "
+                          "use fewer (--gaussians, --max-gaussians) or a smaller --batch-size")
 
 
 def default_config(particles: ParticleSet, *, images_per_model: int | None = None, **overrides) -> TrainConfig:

@@ -9,25 +9,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cryogs.analysis.figures import plot_loss
 from cryogs.errors import CryogsError
 from cryogs.io.atomic import write_json
 from cryogs.io.loader import PRELOAD_BYTES, EpochSampler, make_loader, preload_images
 from cryogs.io.particles import ParticleSet
+from cryogs.io.progress import Report
 from cryogs.model.densify import DensifyConfig, DensityControl
 from cryogs.model.gaussians import GaussianModel
 from cryogs.model.priors import map_prior, repulsion, scale_bounds
 from cryogs.physics.ctf import apply_ctf, particle_ctf
 from cryogs.physics.fourier import crop_half_spectrum, fourier_crop_tensor
-from cryogs.physics.noise import contrast_scales, estimate_noise_spectrum, gaussian_nll, whitening_filter
+from cryogs.physics.noise import (
+    contrast_scales,
+    estimate_noise_spectrum,
+    gaussian_nll,
+    half_grid_multiplicity,
+    whitening_filter,
+)
 from cryogs.render.project import project, resolve_backend, voxelize
 
 from . import checkpoint
 from .config import TrainConfig
 from .distributed import Group
-from .outputs import montage_indices, write_map_and_model, write_montage, write_refined_star
+from .outputs import montage_indices, particle_metrics, write_map_and_model, write_montage, write_refined_star
 from .poses import PoseRefiner, perturb
 
 
@@ -40,6 +46,11 @@ def _data_scale(particles: ParticleSet, seed: int, n_sample: int = 256) -> float
     if not var > 0:
         raise CryogsError("the particle images are constant (zero variance): nothing to fit")
     return 1.0 / (0.5 * particles.box_size ** 2 * var)
+
+
+def planned_steps(n_particles: int, config: TrainConfig) -> int:
+    """Optimizer steps of a fit of ``n_particles`` from start to end (what :class:`Report` plans)."""
+    return config.epochs * math.ceil(n_particles / config.batch_size)
 
 
 @dataclass
@@ -58,14 +69,17 @@ class Trainer:
     control, noise model, priors and pose refinement (see :class:`TrainConfig`).
 
     ``group`` is the set of processes training this model together (:mod:`cryogs.reconstruct.distributed`); each
-    sees its share of every global batch, and only its main rank writes files.
+    sees its share of every global batch, and only its main rank writes files. ``report`` says how far
+    the fit is (a run's shared one, whose caller plans the steps; by default its own, with bars
+    unless ``progress`` is False); ``label`` (e.g. "half 1: ") prefixes its lines and bars.
     """
 
     def __init__(self, particles: ParticleSet, config: TrainConfig, out_dir, *, progress: bool = True,
-                 initial: GaussianModel | None = None, group: Group | None = None):
+                 initial: GaussianModel | None = None, group: Group | None = None, report: Report | None = None,
+                 label: str = ""):
         self.particles, self.cfg, self.out = particles, config, Path(out_dir)
         self.group = group or Group()
-        self.progress = progress and self.group.is_main
+        self.label = label
         self.device = torch.device(config.device)
         self.backend = resolve_backend(config.backend, self.device)
         p, D = particles.pixel_size, particles.box_size
@@ -128,6 +142,10 @@ class Trainer:
         self.seconds = 0.0
         self.densify_log: list[dict] = []
         self.visited = np.zeros(n, dtype=bool)  # particles of the current epoch already trained on
+        self.report = report
+        if report is None:
+            self.report = Report(bars=progress, enabled=self.group.is_main)
+            self.report.plan(planned_steps(n, config))
 
     def _densify_config(self) -> DensifyConfig:
         # prune centres well outside the particle (its radius from the images, plus a quarter): Adam only
@@ -170,6 +188,7 @@ class Trainer:
         self.losses, self.seconds, self.densify_log = ck["losses"], ck["seconds"], ck["densify_log"]
         self.visited = ck["visited"]
         checkpoint.restore_rng(ck)
+        self.report.skip(self.step_count)
 
     # ------------------------------------------------------------------ training
     def stage(self) -> Stage:
@@ -289,8 +308,8 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, start_batch=self.batch)
             t0, done0 = time.perf_counter(), self.batch
             last_save = t0
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, unit="batch", leave=False,
-                       desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress)
+            bar = self.report.bar(f"{self.label}epoch {self.epoch + 1}/{self.cfg.epochs}", self.steps_per_epoch,
+                                  self.batch)
             for images, idx in self._batches():
                 loss = self.step(images, idx)
                 if not math.isfinite(loss):
@@ -301,6 +320,7 @@ class Trainer:
                 now = time.perf_counter()
                 rate = min(n, (self.batch - done0) * self.cfg.batch_size) / (now - t0)
                 bar.update(1)
+                self.report.advance()
                 bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{rate:.0f}", N=len(self.model))
                 if self.batch < self.steps_per_epoch and self.step_count % self.cfg.checkpoint_every == 0:
                     self.seconds += now - last_save
@@ -316,10 +336,10 @@ class Trainer:
             self.save_checkpoint()
             if not self.group.in_sync(list(self.model.parameters())):
                 raise RuntimeError("the processes' models differ: their updates diverged")
-            if self.progress:
-                tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: mean loss "
-                           f"{np.mean(self.losses[-self.steps_per_epoch:]):.5g}, {len(self.model)} Gaussians, "
-                           f"{(self.steps_per_epoch - done0) * self.cfg.batch_size / (now - t0):.0f} images/s")
+            self.report.line(f"{self.label}epoch {self.epoch}/{self.cfg.epochs}: mean loss "
+                             f"{np.mean(self.losses[-self.steps_per_epoch:]):.5g}, {len(self.model)} Gaussians, "
+                             f"{(self.steps_per_epoch - done0) * self.cfg.batch_size / (now - t0):.0f} images/s",
+                             eta=True)
 
     # ------------------------------------------------------------------ outputs
     def refined_poses(self):
@@ -333,14 +353,31 @@ class Trainer:
             return voxelize(*[t.detach() for t in self.model()], box_size=self.particles.box_size,
                             pixel_size=self.particles.pixel_size).cpu().numpy()
 
+    def noise_floor(self) -> float | None:
+        """The loss a perfect model would reach: the noise power measured in the solvent around the
+        particle, weighted (whitened) as the data term weighs residuals, in its units (the images'
+        variance). None when the box leaves no solvent to measure it in."""
+        p, D = self.particles.pixel_size, self.particles.box_size
+        try:
+            power = estimate_noise_spectrum(self.particles, mask_radius_px=min(self.particle_radius / p + 4, D / 2 - 2),
+                                            seed=self.cfg.seed)
+        except CryogsError:
+            return None
+        weight = half_grid_multiplicity(D).expand(D, -1)
+        if self.filter is not None:
+            weight = weight * self.filter.double().cpu() ** 2
+        return float(0.5 * (weight * power).sum() / D ** 2 * self.data_scale)
+
     def write_outputs(self, extra_metrics: dict | None = None, volume: np.ndarray | None = None) -> dict:
         """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png``, ``slices.png``,
         ``gaussians.png``, ``metrics.json`` and, with pose refinement, ``refined_poses.star``.
         ``volume`` is :meth:`volume`, if the caller has it."""
-        p, D = self.particles.pixel_size, self.particles.box_size
+        self.report.line(f"{self.label}writing the map, the model and the figures")
+        p = self.particles.pixel_size
         volume = self.volume() if volume is None else volume
         write_map_and_model(self.out, volume, self.model, p)
-        plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses)
+        floor = self.noise_floor()
+        plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses, noise_floor=floor)
         idx = montage_indices(len(self.particles))
         rotations, shifts = (x[torch.as_tensor(idx, device=self.device)] for x in self.refined_poses())
         with torch.no_grad():
@@ -349,10 +386,10 @@ class Trainer:
         if self.poses is not None:
             write_refined_star(self.out / "refined_poses.star", self.particles, *self.refined_poses())
         n_images = self.cfg.epochs * len(self.particles)
-        metrics = {"n_particles": len(self.particles), "box_size": D, "pixel_size": p,
-                   "n_gaussians": len(self.model), "n_gaussians_initial": self.cfg.n_gaussians,
+        metrics = {**particle_metrics(self.particles), "n_gaussians": len(self.model), "n_gaussians_initial": self.cfg.n_gaussians,
                    "epochs": self.cfg.epochs, "backend": self.backend, "device": str(self.device),
                    "processes": self.group.size, "final_loss": float(np.mean(self.losses[-self.steps_per_epoch:])),
+                   "loss_noise_floor": floor,
                    "train_seconds": self.seconds, "images_per_second": n_images / max(self.seconds, 1e-9),
                    "density_control": self.densify_log}
         metrics.update(extra_metrics or {})
@@ -363,18 +400,20 @@ class Trainer:
 def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
                  progress: bool = True, command: str | None = None,
                  initial: GaussianModel | Callable[[ParticleSet], GaussianModel] | None = None,
-                 group: Group | None = None) -> Trainer:
+                 group: Group | None = None, report: Report | None = None, label: str = "") -> Trainer:
     """Train from ``initial`` (default: random in a sphere) and checkpoint into ``out_dir``.
 
     ``initial`` may be a function of the particles trained on (e.g. a backprojection of them), called
-    only when the run starts afresh: a checkpoint to resume from replaces the start.
+    only when the run starts afresh: a checkpoint to resume from replaces the start. ``report`` and
+    ``label`` as for :class:`Trainer`.
     Returns the finished trainer; call :meth:`Trainer.write_outputs` for the map and figures.
     """
     out = Path(out_dir)
     resuming = resume and (out / checkpoint.CHECKPOINT).exists()
     if initial is not None and not isinstance(initial, GaussianModel):  # a function of the particles
         initial = None if resuming else initial(particles)
-    trainer = Trainer(particles, config, out, progress=progress, initial=initial, group=group)
+    trainer = Trainer(particles, config, out, progress=progress, initial=initial, group=group, report=report,
+                      label=label)
     if trainer.group.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if resuming:
