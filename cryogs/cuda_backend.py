@@ -31,6 +31,11 @@ from .reference import voxelize_splat
 #: buffered for the sort) plus the sort's scratch: 2^27 instances is about 2.2 GB.
 MAX_INSTANCES = 1 << 27
 
+#: The ops module the backend runs on; None means the compiled ``cryogs._C``. The tests marked
+#: ``emulated`` set it to ``cryogs_emu`` (tests/emu_build.py): the same kernels and host wrappers
+#: built to run on CPU threads, whose tensors are CPU tensors (its ``DEVICE_TYPE``).
+ops = None
+
 #: Statistics of the last :func:`project_cuda` forward: total ``instances`` and number of ``batches``.
 last_stats: dict = {"instances": 0, "batches": 0}
 
@@ -50,11 +55,15 @@ def plan_batches(per_image: list[int], max_instances: int, max_images: int) -> l
     return batches
 
 
+def _ops():
+    return _extension.module() if ops is None else ops
+
+
 class _ProjectCUDA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, amplitudes, rotations, shifts, box_size: int, pixel_size: float,
                 cutoff: float, max_instances: int):
-        C = _extension.module()
+        C = _ops()
         means2d, conics, weights, radii, counts = C.preprocess_fwd(means, quats, scales, amplitudes, rotations, shifts,
                                                                    box_size, pixel_size, cutoff)
         B = rotations.shape[0]
@@ -80,7 +89,7 @@ class _ProjectCUDA(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, v_out):
-        C = _extension.module()
+        C = _ops()
         means, quats, scales, amplitudes, rotations, means2d, conics, weights, radii, counts = ctx.saved_tensors
         box_size, pixel_size, cutoff = ctx.geometry
         v_out = v_out.contiguous().float()
@@ -110,11 +119,12 @@ def _as_f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_floating(**tensors):
+    device = "cuda" if ops is None else ops.DEVICE_TYPE
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise CryogsError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device.type != "cuda":
-            raise CryogsError(f"the cuda backend needs CUDA tensors; {name} is on {t.device}")
+        if t.device.type != device:
+            raise CryogsError(f"the cuda backend needs {device.upper()} tensors; {name} is on {t.device}")
 
 
 def project_cuda(means, quats, scales, amplitudes, rotations, shifts, *, box_size: int, pixel_size: float,
@@ -151,7 +161,7 @@ def voxelize_cuda(means, quats, scales, amplitudes, *, box_size: int, pixel_size
         return voxelize_splat(means, covariance_3d(quats, scales), amplitudes, box_size=box_size,
                               pixel_size=pixel_size, cutoff=cutoff)
     _check_floating(means=means, quats=quats, scales=scales, amplitudes=amplitudes)
-    C = _extension.module()
+    C = _ops()
     vol = C.voxelize_fwd(_as_f32(means), _as_f32(quats), _as_f32(scales), _as_f32(amplitudes), int(box_size),
                          float(pixel_size), float(cutoff))
     return vol if means.dtype == torch.float32 else vol.to(means.dtype)

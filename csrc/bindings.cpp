@@ -9,6 +9,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cryogs CUDA rasterizer: preprocess, binning, rasterize forward/backward, voxelize; CPU twins";
+  m.attr("DEVICE_TYPE") = cryogs::KERNELS_ON_GPU ? "cuda" : "cpu";  // of the CUDA ops' tensors
   m.attr("TILE_SIZE") = cryogs::TILE_SIZE;
   m.attr("RECT_PAD_REL") = cryogs::RECT_PAD_REL;
   m.attr("RECT_PAD_ABS") = cryogs::RECT_PAD_ABS;

@@ -17,6 +17,14 @@
 
 namespace cryogs {
 
+// Whether the ops' tensors live on a CUDA device. The emulated build (csrc/emu/, CRYOGS_EMULATED)
+// runs the same kernels on CPU threads, so its "device" tensors are CPU tensors.
+#ifdef CRYOGS_EMULATED
+constexpr bool KERNELS_ON_GPU = false;
+#else
+constexpr bool KERNELS_ON_GPU = true;
+#endif
+
 // Debug poisoning: when on, every output buffer an op fully overwrites is first filled with NaN
 // (float) or a sentinel (int), so an unwritten element shows in the tests. Initialised from the
 // environment variable CRYOGS_DEBUG_POISON (any value but "", "0"), settable at run time.
@@ -29,7 +37,7 @@ void maybe_poison(at::Tensor& t);
 // at::empty(sizes, options), poisoned if poisoning is on.
 at::Tensor alloc_out(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// Checks that t is defined, on the expected device type, of dtype `dtype`, contiguous, and of shape
+// Checks that t is defined, on the ops' device (cuda) or the CPU, of dtype `dtype`, contiguous, and of shape
 // `shape` (-1 = any size); messages name the op and the argument.
 void check_tensor(const char* op, const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype, bool cuda);
