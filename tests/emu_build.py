@@ -17,7 +17,8 @@ Everything is built with FMA contraction on (``-ffp-contract=fast``, ``-mfma`` w
 it), as nvcc contracts by default, so the CPU twins in this module are the contracted twin build
 (``cryogs._C``'s are not contracted).
 
-Variants (each a directory holding ``cryogs_emu*.so``, loaded by tests/emu_worker.py):
+Variants (each a directory holding ``cryogs_emu*.so``, loaded by tests/emu_worker.py, and
+``objects.txt``, the objects linked into it):
 
     asan  AddressSanitizer + UBSan, aborting on the first error
     tsan  ThreadSanitizer
@@ -64,7 +65,7 @@ RUNTIMES = {"asan": "libasan.so", "tsan": "libtsan.so", "cov": None}
 _LAUNCH = re.compile(r"(\w+(?:<[^<>()]*>)?)<<<(.*?)>>>\(", re.S)
 
 
-def _cpu_has_fma() -> bool:
+def cpu_has_fma() -> bool:
     try:
         return " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
     except OSError:
@@ -84,7 +85,7 @@ def _torch_flags() -> tuple[list[str], list[str]]:
 
 
 def _contract_flags() -> list[str]:
-    return ["-ffp-contract=fast", *(["-mfma"] if _cpu_has_fma() else [])]
+    return ["-ffp-contract=fast", *(["-mfma"] if cpu_has_fma() else [])]
 
 
 def convert(source: str) -> str:
@@ -181,6 +182,7 @@ def build(variants=("asan", "tsan"), overrides: dict[str, str] | None = None, ta
                 if proc.returncode != 0:
                     raise RuntimeError(f"emu_build: linking {v} failed:\n{proc.stderr[-8000:]}")
                 os.replace(str(so) + ".tmp", so)
+                (d / "objects.txt").write_text("".join(o + "\n" for o in objs))
             out[v] = d
         return out
 

@@ -132,15 +132,17 @@ def ops():
 
 
 def counters(reset: bool = False) -> dict:
-    """Launches per kernel (as named at its launch) and sorts per CUB path since the last reset:
-    ``{"launches": {name: n}, "sorts": {0: single-tile sorts, k: sorts of k onesweep passes}}``."""
+    """Launches and blocks per kernel (as named at its launch) and sorts per CUB path since the last
+    reset: ``{"launches": {name: n}, "blocks": {name: n}, "sorts": {0: single-tile sorts, k: sorts of
+    k onesweep passes}}``."""
     lib = ctypes.CDLL(ops().__file__)
-    lib.emu_launch_count.restype = ctypes.c_long
-    lib.emu_sort_count.restype = ctypes.c_long
+    for fn in (lib.emu_launch_count, lib.emu_block_count, lib.emu_sort_count):
+        fn.restype = ctypes.c_long
     names = ("preprocess_fwd_kernel", "preprocess_bwd_gauss_kernel", "preprocess_bwd_pose_kernel",
              "duplicate_kernel", "tile_ranges_kernel", "rasterize_fwd_kernel<TILE_SIZE>",
              "rasterize_bwd_kernel<TILE_SIZE>", "voxelize_fwd_kernel")
     out = {"launches": {n: lib.emu_launch_count(n.encode()) for n in names},
+           "blocks": {n: lib.emu_block_count(n.encode()) for n in names},
            "sorts": {k: lib.emu_sort_count(k) for k in range(8)}}
     if reset:
         lib.emu_reset_counts()

@@ -29,6 +29,7 @@ import torch
 
 import emu_build
 from cuda_helpers import NAMES, dense_reference, make_case, rel_err
+from helpers import random_mixture, random_poses
 from emu_worker import Emulator, SanitizerError, counters, ops
 
 pytestmark = pytest.mark.emulated
@@ -144,3 +145,222 @@ def test_matches_dense(emu, name):
         assert sorts[2] == 1
     else:
         assert sorts[0] == 1, "CUB's single-tile path"
+
+
+# ---- edge cases -----------------------------------------------------------------------------------
+def _case(seed, params_fn=None, **kw):
+    """make_case on a fixed seed; params_fn(gen) may supply the float64 parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    return make_case(gen, params=None if params_fn is None else params_fn(gen), **kw), gen
+
+
+def _upstream(case, gen):
+    B, D = case["params"][4].shape[0], case["D"]
+    return torch.randn(B, D, D, generator=gen, dtype=F64)
+
+
+def _off_image(gen):
+    """Every pair off-image (centres 600 Å away) or invalid (two zero scales): M = 0, B·N > 0."""
+    means, quats, scales, amps = random_mixture(20, gen, spread=4.0, scale_range=(1.0, 2.0))
+    rot, shifts = random_poses(3, gen)
+    means = means + torch.tensor([600.0, -600.0, 0.0], dtype=F64)
+    scales[:5, :2] = 0.0
+    return means, quats, scales, amps, rot, shifts
+
+
+def test_every_pair_off_image_or_invalid(emu):
+    case, gen = _case(20, _off_image, D=32, pixel_size=1.0, tol=0)
+    v = _upstream(case, gen)
+    out = emu.run(_project, case["params"], v, case["D"], case["p"], case["k"])
+    assert out["stats"]["instances"] == 0 and out["counters"]["sorts"] == {k: 0 for k in range(8)}
+    assert torch.count_nonzero(out["image"]) == 0
+    for n in NAMES:
+        assert out["grads"][n] is not None and torch.count_nonzero(out["grads"][n]) == 0, n
+
+
+def _huge(gen):
+    """One Gaussian three times larger than the image (it covers every tile), among 29 others."""
+    means, quats, scales, amps = random_mixture(30, gen, spread=10.0)
+    scales[0] = 120.0
+    rot, shifts = random_poses(2, gen)
+    return means, quats, scales, amps, rot, shifts
+
+
+def test_gaussian_larger_than_the_image(emu):
+    case, gen = _case(21, _huge, D=40, pixel_size=1.0, tol=2e-4)
+    v = _upstream(case, gen)
+    ref, grads = dense_reference(case, v)
+    out = emu.run(_project, case["params"], v, case["D"], case["p"], case["k"])
+    _assert_matches(out, ref, grads)
+
+
+def _thin(gen):
+    """Six disks and six needles whose smallest scales are 1/3162 of the largest (3D covariances of
+    condition number 1e7), among twelve ordinary Gaussians."""
+    means, quats, scales, amps = random_mixture(24, gen, spread=16.0, scale_range=(2.0, 4.0))
+    scales[:6, 2] = scales[:6, 0] / 3162.0
+    scales[6:12, 1:] = scales[6:12, :1] / 3162.0
+    rot, shifts = random_poses(3, gen)
+    return means, quats, scales, amps, rot, shifts
+
+
+def test_very_thin_gaussians(emu):
+    """Condition number 1e7 is beyond float32: a needle seen side-on has conic entries ~1e6 whose
+    terms cancel in q, so its own pixels are off by up to ~5% of the image maximum (its pair count
+    and tiles are still right; RECT_PAD covers conditions up to ~1e4). What must hold exactly: every
+    output is finite, the image is that of dense outside the thin pairs' boxes (plus 1 px), and the
+    gradients of the ordinary Gaussians are those of dense (the loss is linear in the image, so they
+    do not depend on the thin ones)."""
+    from cryogs.gaussian_math import preprocess
+
+    case, gen = _case(22, _thin, D=64, pixel_size=1.0)
+    v = _upstream(case, gen)
+    ref, grads = dense_reference(case, v)
+    out = emu.run(_project, case["params"], v, case["D"], case["p"], case["k"])
+    assert torch.isfinite(out["image"]).all()
+    assert all(torch.isfinite(out["grads"][n]).all() for n in NAMES)
+    scales = case["params"][2]
+    thin = scales.amax(1) / scales.amin(1) > 1000
+    assert int(thin.sum()) >= 8 and int((~thin).sum()) >= 8
+    D = case["D"]
+    m2, _, _, r = preprocess(*case["params"], box_size=D, pixel_size=case["p"], cutoff=case["k"])
+    c = torch.arange(D, dtype=F64)
+    inside = (c >= (m2 - r - 1)[..., None]) & (c <= (m2 + r + 1)[..., None])  # [B, N, 2 (x, y), D]
+    covered = (inside[:, thin, 1, :, None] & inside[:, thin, 0, None, :]).any(1)  # [B, D (y), D (x)]
+    assert (~covered).float().mean() > 0.3
+    err = ((out["image"].double() - ref).abs() * ~covered).amax() / ref.abs().amax()
+    assert err <= FWD_TOL, f"image outside the thin pairs {err:.2e}"
+    for n in NAMES[:4]:
+        e = rel_err(out["grads"][n][~thin], grads[n][~thin])
+        assert e <= GRAD_TOL, f"{n} gradient of the ordinary Gaussians {e:.2e}"
+
+
+# ---- gradient subsets, sub-batches, retain_graph ------------------------------------------------
+def test_pose_gradients_off(emu):
+    """Rotations and shifts without requires_grad: no pose kernel, the rest as dense."""
+    case, v, ref, grads = _reference("standard")
+    out = emu.run(_project, case["params"], v, case["D"], case["p"], case["k"], requires=(True,) * 4 + (False,) * 2)
+    _assert_matches(out, ref, grads, names=NAMES[:4])
+    assert out["grads"]["rotations"] is None and out["grads"]["shifts"] is None
+    assert out["counters"]["launches"]["preprocess_bwd_pose_kernel"] == 0
+
+
+@pytest.mark.parametrize("budget", ["one_image", "two_images"])
+def test_sub_batches(emu, budget):
+    """A small instance budget splits the images into sub-batches (of one image each, or of images
+    0-1 and 2, with image-local keys), binned again in the backward: the image is bitwise that of one
+    batch, the gradients are those of dense."""
+    case, v, ref, grads = _reference("standard")
+    args = (case["params"], v, case["D"], case["p"], case["k"])
+    whole = emu.run(_project, *args)
+    limit = 1 if budget == "one_image" else whole["stats"]["instances"] - 1
+    out = emu.run(_project, *args, max_instances=limit)
+    assert out["stats"]["batches"] == (3 if budget == "one_image" else 2)
+    assert torch.equal(out["image"], whole["image"])
+    _assert_matches(out, ref, grads)
+    assert out["counters"]["launches"]["duplicate_kernel"] == 2 * out["stats"]["batches"]
+
+
+@pytest.mark.parametrize("max_instances", [None, 1])
+def test_retain_graph_twice(emu, max_instances):
+    """Two backward calls through a retained graph (the second bins again) add the same gradients."""
+    case, v, _, _ = _reference("standard")
+    args = (case["params"], v, case["D"], case["p"], case["k"])
+    once = emu.run(_project, *args, max_instances=max_instances)
+    twice = emu.run(_project, *args, max_instances=max_instances, backward=2)
+    for n in NAMES:
+        assert torch.equal(twice["grads"][n], 2 * once["grads"][n]), n
+
+
+# ---- voxelize ------------------------------------------------------------------------------------
+def _voxelize(means, quats, scales, amps, D, p, k):
+    from cryogs import cuda_backend
+
+    counters(reset=True)
+    vol = cuda_backend.voxelize_cuda(means.float(), quats.float(), scales.float(), amps.float(), box_size=D,
+                                     pixel_size=p, cutoff=k)
+    return vol, counters()
+
+
+def _voxel_case(seed, D, *, p=1.0, k=3.5, N=12, tol=1e-4):
+    """Random Gaussians (float32 values) plus one centred on the box edge (partly outside) and one
+    three times larger than the box; each resized until every voxel's float64 q is at least `tol`
+    (relative) away from the cutoff, where float32 rounding could flip it (as guard_cutoff does for
+    pixels)."""
+    from cryogs.gaussian_math import covariance_3d
+
+    gen = torch.Generator().manual_seed(seed)
+    means, quats, scales, amps = random_mixture(N, gen, spread=D * p / 5, scale_range=(0.3 * p, D * p / 8 + 0.5))
+    means[0] = torch.tensor([D * p / 2, 0.3 * p, -0.2 * p], dtype=F64)
+    scales[1] = 3 * D * p
+    means, quats, scales, amps = (t.float().double() for t in (means, quats, scales, amps))
+    c = torch.arange(D, dtype=F64)
+    vox = torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)[:, [2, 1, 0]]  # (x, y, z)
+    for _ in range(60):
+        inv = torch.linalg.inv(covariance_3d(quats, scales) / p**2)
+        d = vox[None] - (means / p + D // 2)[:, None]
+        q = torch.einsum("nvi,nij,nvj->nv", d, inv, d)
+        bad = ((q - k * k).abs() / (k * k)).amin(1) < tol
+        if not bad.any():
+            return (means, quats, scales, amps), D, p, k
+        scales[bad] = (scales[bad] * (1 + 0.05 * (2 * torch.rand(int(bad.sum()), 1, generator=gen, dtype=F64) - 1)))
+        scales = scales.float().double()
+    raise AssertionError("could not keep the voxels away from the cutoff")
+
+
+@pytest.mark.parametrize("D", [1, 8, 16, 37])
+def test_voxelize_matches_reference(emu, D):
+    """voxelize_cuda against cryogs.reference.voxelize_splat in float64, with a Gaussian partly
+    outside the box and one larger than it."""
+    from cryogs.gaussian_math import covariance_3d
+    from cryogs.reference import voxelize_splat
+
+    (means, quats, scales, amps), D, p, k = _voxel_case(30 + D, D)
+    ref = voxelize_splat(means, covariance_3d(quats, scales), amps, box_size=D, pixel_size=p, cutoff=k)
+    vol, _ = emu.run(_voxelize, means, quats, scales, amps, D, p, k)
+    assert rel_err(vol, ref) <= FWD_TOL
+
+
+# ---- the CPU twins, with FMA contraction ---------------------------------------------------------
+def _twin_project(params, v, D, p, k):
+    """Image and gradients through the float32 CPU twins of the emulated build (tiled as the kernels)."""
+    C = ops()
+    P = [t.float() for t in params]
+    m2, cn, w, r, counts = C.preprocess_fwd_cpu(*P, D, p, k)
+    img = C.rasterize_fwd_cpu(m2, cn, w, r, counts, D, k)
+    v_m2, v_cn, v_w = C.rasterize_bwd_cpu(m2, cn, w, r, counts, v.float(), D, k)
+    grads = C.preprocess_bwd_cpu(*P[:5], v_m2, v_cn, v_w, p, True)
+    return {"image": img, "grads": dict(zip(NAMES, grads)), "tile_counts": counts, "means2d": m2, "radii": r,
+            "conics": cn}
+
+
+TWIN_CASES = ("standard", "box_37_single_image", "tiny", "anisotropic", "crowded_3000")
+
+
+@pytest.mark.parametrize("name", TWIN_CASES)
+def test_contracted_twins_meet_gpu_tolerances(emulators, name):
+    """The twins compiled with FMA contraction (as nvcc compiles the kernels) meet the tolerances of
+    the uncontracted ones (tests/test_cuda_host_math.py): 1e-5 for images, 1e-4 for gradients,
+    relative to max |dense|; that tolerance covers both builds. Their tile counts still equal
+    cryogs.binning's exactly: the tile rectangle is computed with contraction-proof operations."""
+    from cryogs import binning
+
+    emu = emulators[VARIANTS[0]]
+    case, v, ref, grads = _reference(name)
+    out = emu.run(_twin_project, case["params"], v, case["D"], case["p"], case["k"])
+    _assert_matches(out, ref, grads)
+    valid = binning.valid_pairs(out["conics"])
+    assert torch.equal(out["tile_counts"], binning.tile_counts(out["means2d"], out["radii"], case["D"], valid=valid))
+
+
+def test_twins_are_contracted(emulators):
+    """The emulated build's twins really contain fused multiply-adds (on a CPU with FMA)."""
+    import shutil
+    import subprocess
+
+    if not emu_build.cpu_has_fma() or shutil.which("objdump") is None:
+        pytest.skip("no FMA on this CPU, or no objdump")
+    objs = (emulators[VARIANTS[0]].module_dir / "objects.txt").read_text().split()
+    twins = next(o for o in objs if os.path.basename(o).startswith("cpu_twins-"))
+    asm = subprocess.run(["objdump", "-d", twins], capture_output=True, text=True, check=True).stdout
+    assert "vfmadd" in asm or "vfmsub" in asm or "vfnmadd" in asm

@@ -34,8 +34,8 @@ namespace emu {
 struct ThreadCtx {
   dim3 thread, block, block_dim, grid_dim;
 };
-// Coordinates of the CUDA thread running on this OS thread (set by the scheduler, runtime.cpp).
-extern constinit thread_local std::atomic<const ThreadCtx*> tctx;
+// Coordinates of the CUDA thread running now (set by the scheduler, runtime.cpp).
+extern constinit std::atomic<const ThreadCtx*> tctx;
 
 // Runs body(arg) once per thread of every block of the grid; errors are kept for check_launch.
 void launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg);

@@ -2,7 +2,7 @@
 // plus the launch and sort counters that the tests read through ctypes (extern "C" at the end).
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the launching OS thread, from a pool that
-// lives as long as that thread. The scheduler runs every runnable fiber, in thread order, until it
+// lives as long as the process (launches are serialised by a mutex). The scheduler runs every runnable fiber, in thread order, until it
 // waits at __syncthreads or __shfl_down_sync or returns, and releases a barrier once every live
 // thread of the block (of the warp, for a shuffle) waits at it. Runs are deterministic, cost a
 // context switch per wait instead of an OS thread per CUDA thread, and a wait that no release can
@@ -12,12 +12,14 @@
 // ThreadSanitizer through __tsan_switch_to_fiber without synchronisation, so that the only
 // happens-before edges between CUDA threads are the ones CUDA guarantees: launch -> every thread;
 // arrival at a barrier -> departure from it (each waiter releases a token before waiting and
-// acquires it after; two tokens alternate, so no thread acquires a later phase's releases); every
+// acquires it after; two tokens alternate, so no thread acquires a later phase's releases; a
+// returned thread releases nothing, as a barrier orders only the threads that reach it); every
 // thread -> launch end. A missing __syncthreads is thus a data race for TSan, and in every variant
 // a stale value, since the fixed schedule runs each thread as far as it can. Blocks run one after
 // another and are ordered too (block k's threads -> block k+1's), as their __shared__ arrays are
 // the same statics, so TSan cannot see races between blocks. Scheduler and fibers exchange control
 // data through atomics only, which never race.
+#include <pthread.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -43,7 +45,7 @@
 
 namespace emu {
 
-constinit thread_local std::atomic<const ThreadCtx*> tctx{nullptr};
+constinit std::atomic<const ThreadCtx*> tctx{nullptr};
 
 namespace {
 
@@ -84,16 +86,17 @@ struct Launch {
   int warp_width(int w) const { return std::min(WARP, threads - WARP * w); }
 };
 
-// The fibers of one OS thread and the scheduler's side of their switches.
+// The fibers, and the scheduler's side of their switches (the launching OS thread's).
 struct Pool {
+  std::mutex launching;  // one launch at a time
   std::vector<std::unique_ptr<Fiber>> fibers;
   std::atomic<Launch*> launch{nullptr};
   std::atomic<Fiber*> running{nullptr};
   std::atomic<bool> unwinding{false};  // resumed fibers are to throw Exit
+  std::atomic<void*> sched_tsan{nullptr};
   ucontext_t sched_uc;
-  void* sched_tsan = nullptr;
   void* sched_fake = nullptr;
-  const void* sched_stack = nullptr;
+  void* sched_stack = nullptr;
   size_t sched_stack_size = 0;
 
   ~Pool() {
@@ -106,11 +109,15 @@ struct Pool {
   }
 };
 
-thread_local Pool pool;
+Pool pool;
+
+struct Counts {
+  long launches = 0, blocks = 0;
+};
 
 std::mutex mutex;  // guards the three below
 std::string pending_error;  // first problem found since the last launch check
-std::map<std::string, long> launch_counts;
+std::map<std::string, Counts> kernel_counts;
 long sort_counts[8] = {};  // [0]: single-tile sorts, [k]: sorts of k onesweep passes
 
 void hb_release(void* token) {
@@ -169,7 +176,7 @@ void switch_to(Fiber& f) {
 void wait(Fiber& f, State state) {
   f.state.store(state, std::memory_order_relaxed);
 #if defined(__SANITIZE_THREAD__)
-  __tsan_switch_to_fiber(pool.sched_tsan, __tsan_switch_to_fiber_no_sync);
+  __tsan_switch_to_fiber(pool.sched_tsan.load(std::memory_order_relaxed), __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_start_switch_fiber(&f.fake_stack, pool.sched_stack, pool.sched_stack_size);
@@ -185,7 +192,7 @@ void wait(Fiber& f, State state) {
 void fiber_main(unsigned int hi, unsigned int lo) {
   Fiber& f = *reinterpret_cast<Fiber*>((uintptr_t(hi) << 32) | uintptr_t(lo));
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_finish_switch_fiber(nullptr, &pool.sched_stack, &pool.sched_stack_size);
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
   for (;;) {
     Launch& L = *pool.launch.load(std::memory_order_relaxed);
@@ -194,9 +201,6 @@ void fiber_main(unsigned int hi, unsigned int lo) {
       f.ctx = {unflatten(f.tid, L.block), unflatten(L.block_index.load(std::memory_order_relaxed), L.grid), L.block,
                L.grid};
       L.body(L.arg);
-      // A returned thread counts as arrived at every later barrier (sm_70+). (Not at a later
-      // shuffle of its warp: that is an error, reported when the shuffle is released.)
-      hb_release(&L.barrier_token[L.phase.load(std::memory_order_relaxed) % 2]);
     } catch (const Exit&) {
     }
     hb_release(&L.order_token);
@@ -205,9 +209,6 @@ void fiber_main(unsigned int hi, unsigned int lo) {
 }
 
 Fiber& fiber(int t) {
-#if defined(__SANITIZE_THREAD__)
-  if (pool.sched_tsan == nullptr) pool.sched_tsan = __tsan_get_current_fiber();  // the OS thread's own
-#endif
   while (static_cast<int>(pool.fibers.size()) <= t) {
     auto f = std::make_unique<Fiber>();
     f->tid = static_cast<int>(pool.fibers.size());
@@ -221,6 +222,10 @@ Fiber& fiber(int t) {
     const auto p = reinterpret_cast<uintptr_t>(f.get());
     makecontext(&f->uc, reinterpret_cast<void (*)()>(fiber_main), 2, static_cast<unsigned int>(p >> 32),
                 static_cast<unsigned int>(p & 0xffffffffu));
+    // Only makecontext reads the stack fields. Cleared, they stop AddressSanitizer's swapcontext
+    // interceptor from wiping the shadow of the whole (live) stack at every switch into the fiber.
+    f->uc.uc_stack.ss_sp = nullptr;
+    f->uc.uc_stack.ss_size = 0;
 #if defined(__SANITIZE_THREAD__)
     f->tsan = __tsan_create_fiber(0);
 #endif
@@ -330,12 +335,23 @@ bool valid_config(const char* name, dim3 grid, dim3 block, size_t smem) {
 }  // namespace
 
 void launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg) {
+  if (!valid_config(name, grid, block, smem)) return;
+  const long blocks = long(grid.x) * grid.y * grid.z;
   {
     std::lock_guard<std::mutex> lock(mutex);
-    ++launch_counts[name];
+    ++kernel_counts[name].launches;
+    kernel_counts[name].blocks += blocks;
   }
-  if (!valid_config(name, grid, block, smem)) return;
-  TORCH_CHECK(pool.launch.load() == nullptr, "emulator: a kernel launched another kernel");
+  std::lock_guard<std::mutex> launching(pool.launching);
+#if defined(__SANITIZE_THREAD__)
+  pool.sched_tsan.store(__tsan_get_current_fiber(), std::memory_order_relaxed);
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  pthread_attr_t attr;
+  pthread_getattr_np(pthread_self(), &attr);
+  pthread_attr_getstack(&attr, &pool.sched_stack, &pool.sched_stack_size);
+  pthread_attr_destroy(&attr);
+#endif
   Launch L;
   L.name = name;
   L.grid = grid;
@@ -350,7 +366,6 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)(v
   fiber(L.threads - 1);
   pool.launch.store(&L, std::memory_order_relaxed);
   hb_release(&L.order_token);
-  const long blocks = long(grid.x) * grid.y * grid.z;
   for (long k = 0; k < blocks && run_block(L, k); ++k) {
   }
   hb_acquire(&L.order_token);
@@ -415,11 +430,18 @@ void check_call(cudaError_t err, const char* expr, const char* file, int line) {
 
 extern "C" {
 
-// Launches of the kernel named `name` (as written at its launch) since the last reset.
+// Valid launches of the kernel named `name` (as written at its launch) since the last reset, and
+// the blocks they ran.
 long emu_launch_count(const char* name) {
   std::lock_guard<std::mutex> lock(emu::mutex);
-  const auto it = emu::launch_counts.find(name);
-  return it == emu::launch_counts.end() ? 0 : it->second;
+  const auto it = emu::kernel_counts.find(name);
+  return it == emu::kernel_counts.end() ? 0 : it->second.launches;
+}
+
+long emu_block_count(const char* name) {
+  std::lock_guard<std::mutex> lock(emu::mutex);
+  const auto it = emu::kernel_counts.find(name);
+  return it == emu::kernel_counts.end() ? 0 : it->second.blocks;
 }
 
 // Sorts since the last reset that took CUB's single-tile path (passes = 0) or `passes` onesweep passes.
@@ -430,7 +452,7 @@ long emu_sort_count(int passes) {
 
 void emu_reset_counts() {
   std::lock_guard<std::mutex> lock(emu::mutex);
-  emu::launch_counts.clear();
+  emu::kernel_counts.clear();
   for (long& c : emu::sort_counts) c = 0;
 }
 
