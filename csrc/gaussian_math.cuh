@@ -203,6 +203,24 @@ GM_UNROLL
   }
 }
 
+// VJP of load_gaussian's L = R(q) diag(s): v_q and v_s from the v_L summed over the Gaussian's
+// pairs. A Gaussian without gradient (every v_L zero: e.g. a zero or non-finite quaternion, whose
+// NaN R makes every pair invalid) gets zeros, not 0 * NaN.
+template <typename T>
+GM_HD void load_gaussian_vjp(const Gaussian<T>& G, const T v_L[9], T v_q[4], T v_s[3]) {
+  bool any = false;
+GM_UNROLL
+  for (int k = 0; k < 9; ++k) any = any || v_L[k] != T(0);
+  if (!any) {
+    v_q[0] = v_q[1] = v_q[2] = v_q[3] = T(0);
+    v_s[0] = v_s[1] = v_s[2] = T(0);
+    return;
+  }
+  T v_R[9];
+  scale_rot_vjp(G.R, G.s, v_L, v_R, v_s);
+  quat_to_rotmat_vjp(G.q, v_R, v_q);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2D centre u = (A mu)_xy / p + c0 - t / p, and its VJP.
 // A is the row-major 3x3 RELION matrix (only rows 0 and 1 are used), t the origin in Angstrom.

@@ -113,9 +113,8 @@ __global__ void __launch_bounds__(GX * BY)
     for (int r = 1; r < BY; ++r) sum += red[r][k][tx];
     acc[k] = sum;
   }
-  float v_R[9], v_s[3], v_q[4];
-  scale_rot_vjp(G.R, G.s, acc, v_R, v_s);
-  quat_to_rotmat_vjp(G.q, v_R, v_q);
+  float v_s[3], v_q[4];
+  load_gaussian_vjp(G, acc, v_q, v_s);
   GM_UNROLL
   for (int k = 0; k < 3; ++k) {
     v_means[3 * g + k] = acc[9 + k];

@@ -272,6 +272,39 @@ def test_retain_graph_twice(emu, max_instances):
         assert torch.equal(twice["grads"][n], 2 * once["grads"][n]), n
 
 
+# ---- review fixes --------------------------------------------------------------------------------
+def _with_degenerate(gen):
+    """Twelve ordinary Gaussians followed by four whose quaternion is zero, NaN, infinite or 1e-30
+    (its square underflows): R(q) is NaN, so they cover nothing."""
+    means, quats, scales, amps = random_mixture(16, gen, spread=8.0)
+    quats[12] = 0.0
+    quats[13] = torch.tensor([float("nan"), 1.0, 0.0, 0.0])
+    quats[14] = torch.tensor([float("inf"), 0.0, 1.0, 0.0])
+    quats[15] = 1e-30
+    rot, shifts = random_poses(3, gen)
+    return means, quats, scales, amps, rot, shifts
+
+
+@pytest.mark.parametrize("path", ["kernels", "twins"])
+def test_degenerate_quaternions_get_zero_gradients(emu, path):
+    """A Gaussian with a zero or non-finite quaternion covers nothing: its gradients are zero (they
+    were NaN: stage B, and its CPU twin, applied the quaternion chain rule to R(q) = NaN), the others
+    are those of dense."""
+    case, gen = _case(23, _with_degenerate, D=40, tol=0)
+    v = _upstream(case, gen)
+    ordinary = tuple(t[:12] for t in case["params"][:4]) + case["params"][4:]
+    ref, grads = dense_reference(dict(case, params=ordinary), v)
+    out = emu.run(_project if path == "kernels" else _twin_project, case["params"], v, case["D"], case["p"], case["k"])
+    assert rel_err(out["image"], ref) <= FWD_TOL
+    for n in NAMES:
+        g = out["grads"][n]
+        assert torch.isfinite(g).all(), n
+        if n in NAMES[:4]:
+            assert torch.count_nonzero(g[12:]) == 0, n
+            g = g[:12]
+        assert rel_err(g, grads[n]) <= GRAD_TOL, n
+
+
 # ---- voxelize ------------------------------------------------------------------------------------
 def _voxelize(means, quats, scales, amps, D, p, k):
     from cryogs import cuda_backend
