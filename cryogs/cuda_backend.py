@@ -11,7 +11,7 @@ Pipeline of :func:`project_cuda` (see ``csrc/`` and the design note):
    use, tile ranges) and ``rasterize_fwd`` writing straight into the output slice.
 4. Backward: ``rasterize_bwd`` (stage A, reusing the forward's binning when there was one sub-batch)
    into per-pair 2D gradients, then ``preprocess_bwd`` (stage B: per-Gaussian and per-image
-   reductions, no global atomics).
+   reductions, no global atomics, each only if its parameters need gradients).
 
 The kernels compute in float32; inputs of other floating dtypes are cast (differentiably) and the
 result is returned in the dtype of ``means``.
@@ -106,9 +106,9 @@ class _ProjectCUDA(torch.autograd.Function):
                             v_out[b0:b1], box_size, cutoff, v_means2d[b0:b1], v_conics[b0:b1], v_weights[b0:b1])
         ctx.bins = None
         need = ctx.needs_input_grad
-        pose = bool(need[4] or need[5])
+        pose, gauss = bool(need[4] or need[5]), any(need[:4])
         v_means, v_quats, v_scales, v_amps, v_rot, v_shifts = C.preprocess_bwd(
-            means, quats, scales, amplitudes, rotations, v_means2d, v_conics, v_weights, pixel_size, pose)
+            means, quats, scales, amplitudes, rotations, v_means2d, v_conics, v_weights, pixel_size, pose, gauss)
         return (v_means if need[0] else None, v_quats if need[1] else None, v_scales if need[2] else None,
                 v_amps if need[3] else None, v_rot if need[4] else None, v_shifts if need[5] else None,
                 None, None, None, None)

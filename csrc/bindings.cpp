@@ -25,8 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> [means2d [B,N,2], conics [B,N,3], weights [B,N], radii [B,N,2], tile_counts [B,N] int32]");
   m.def("preprocess_bwd", &cryogs::preprocess_bwd, py::arg("means"), py::arg("quats"), py::arg("scales"),
         py::arg("amplitudes"), py::arg("rotations"), py::arg("v_means2d"), py::arg("v_conics"), py::arg("v_weights"),
-        py::arg("pixel_size"), py::arg("pose_grads"),
-        "-> [v_means, v_quats, v_scales, v_amplitudes, v_rotations or None, v_shifts or None]");
+        py::arg("pixel_size"), py::arg("pose_grads"), py::arg("gauss_grads"),
+        "-> [v_means, v_quats, v_scales, v_amplitudes (None without gauss_grads), v_rotations, v_shifts "
+        "(None without pose_grads)]");
   m.def("bin_instances", &cryogs::bin_instances, py::arg("means2d"), py::arg("radii"), py::arg("tile_counts"),
         py::arg("box_size"),
         "-> [tile_ranges [B,T,2] int64, sorted keys [M] int32 (uint32 bits of b*T + tile), gids [M] int32]");

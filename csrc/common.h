@@ -58,7 +58,8 @@ std::vector<at::Tensor> preprocess_fwd(const at::Tensor& means, const at::Tensor
 std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                                        const at::Tensor& amplitudes, const at::Tensor& rotations,
                                        const at::Tensor& v_means2d, const at::Tensor& v_conics,
-                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads);
+                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads,
+                                       bool gauss_grads);
 
 std::vector<at::Tensor> bin_instances(const at::Tensor& means2d, const at::Tensor& radii,
                                       const at::Tensor& tile_counts, int64_t box_size);

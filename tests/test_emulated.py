@@ -245,6 +245,16 @@ def test_pose_gradients_off(emu):
     assert out["counters"]["launches"]["preprocess_bwd_pose_kernel"] == 0
 
 
+def test_pose_only(emu):
+    """Gaussian parameters detached (pose refinement): the per-Gaussian stage-B kernel is skipped, and
+    the pose gradients are those of dense."""
+    case, v, ref, grads = _reference("standard")
+    out = emu.run(_project, case["params"], v, case["D"], case["p"], case["k"], requires=(False,) * 4 + (True,) * 2)
+    _assert_matches(out, ref, grads, names=NAMES[4:])
+    assert all(out["grads"][n] is None for n in NAMES[:4])
+    assert out["counters"]["launches"]["preprocess_bwd_gauss_kernel"] == 0
+
+
 @pytest.mark.parametrize("budget", ["one_image", "two_images"])
 def test_sub_batches(emu, budget):
     """A small instance budget splits the images into sub-batches (of one image each, or of images
