@@ -4,12 +4,16 @@ Pipeline of :func:`project_cuda` (see ``csrc/`` and the design note):
 
 1. ``preprocess_fwd``: one thread per (image, Gaussian) pair computes the 2D centre, conic, weight,
    radii and the number of tiles the pair covers.
-2. The per-image instance totals are read back once; images are grouped into sub-batches of at most
-   ``max_instances`` instances (an image alone over the budget gets a sub-batch of its own). Images
-   are independent, so the split is exact, and the forward is bitwise identical with or without it.
+2. The per-image instance totals are read back, the one host synchronisation of a forward (it
+   sizes the binning buffers, so CUDA-graph capture would need an upper bound instead); images are
+   grouped into sub-batches of at most ``max_instances`` instances (an image alone over the budget
+   gets a sub-batch of its own). Images are independent, so the split is exact, and the forward is
+   bitwise identical with or without it.
 3. Per sub-batch: ``bin_instances`` (int64 scan, duplicate, CUB radix sort over only the key bits in
-   use, tile ranges) and ``rasterize_fwd`` writing straight into the output slice.
-4. Backward: ``rasterize_bwd`` (stage A, reusing the forward's binning when there was one sub-batch)
+   use, tile ranges), given the sub-batch's instance count rather than reading it back again, and
+   ``rasterize_fwd`` writing straight into the output slice.
+4. Backward: ``rasterize_bwd`` (stage A, reusing the forward's binning when there was one sub-batch,
+   binning again with the saved counts otherwise: no host synchronisation)
    into per-pair 2D gradients, then ``preprocess_bwd`` (stage B: per-Gaussian and per-image
    reductions, no global atomics, each only if its parameters need gradients).
 
@@ -68,13 +72,14 @@ class _ProjectCUDA(torch.autograd.Function):
                                                                    box_size, pixel_size, cutoff)
         B = rotations.shape[0]
         T = tiles_per_side(box_size, C.TILE_SIZE) ** 2
-        per_image = counts.sum(1, dtype=torch.int64).tolist() if B else []
-        batches = plan_batches(per_image, max_instances, max(1, (2 ** 31 - 1) // T))
+        per_image = counts.sum(1, dtype=torch.int64).tolist() if B else []  # the host read-back
+        batches = [(b0, b1, sum(per_image[b0:b1]))
+                   for b0, b1 in plan_batches(per_image, max_instances, max(1, (2 ** 31 - 1) // T))]
         last_stats.update(instances=int(sum(per_image)), batches=len(batches))
         out = means.new_empty(B, box_size, box_size)
         saved_bins = None
-        for b0, b1 in batches:
-            ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size)
+        for b0, b1, M in batches:
+            ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size, M)
             del _keys
             C.rasterize_fwd(means2d[b0:b1], conics[b0:b1], weights[b0:b1], ranges, gids, box_size, cutoff,
                             out[b0:b1])
@@ -96,11 +101,11 @@ class _ProjectCUDA(torch.autograd.Function):
         v_means2d = torch.zeros_like(means2d)
         v_conics = torch.zeros_like(conics)
         v_weights = torch.zeros_like(weights)
-        for b0, b1 in ctx.batches:
+        for b0, b1, M in ctx.batches:
             if ctx.bins is not None:
                 ranges, gids = ctx.bins
             else:
-                ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size)
+                ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size, M)
                 del _keys
             C.rasterize_bwd(means2d[b0:b1], conics[b0:b1], weights[b0:b1], radii[b0:b1], ranges, gids,
                             v_out[b0:b1], box_size, cutoff, v_means2d[b0:b1], v_conics[b0:b1], v_weights[b0:b1])

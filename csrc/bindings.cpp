@@ -29,7 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> [v_means, v_quats, v_scales, v_amplitudes (None without gauss_grads), v_rotations, v_shifts "
         "(None without pose_grads)]");
   m.def("bin_instances", &cryogs::bin_instances, py::arg("means2d"), py::arg("radii"), py::arg("tile_counts"),
-        py::arg("box_size"),
+        py::arg("box_size"), py::arg("instances"),
         "-> [tile_ranges [B,T,2] int64, sorted keys [M] int32 (uint32 bits of b*T + tile), gids [M] int32]");
   m.def("rasterize_fwd", &cryogs::rasterize_fwd, py::arg("means2d"), py::arg("conics"), py::arg("weights"),
         py::arg("tile_ranges"), py::arg("gids"), py::arg("box_size"), py::arg("cutoff"), py::arg("out") = py::none(),

@@ -61,8 +61,9 @@ std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor
                                        const at::Tensor& v_weights, double pixel_size, bool pose_grads,
                                        bool gauss_grads);
 
+// `instances` must be the sum of tile_counts (the caller has read it back already; see bin.cpp).
 std::vector<at::Tensor> bin_instances(const at::Tensor& means2d, const at::Tensor& radii,
-                                      const at::Tensor& tile_counts, int64_t box_size);
+                                      const at::Tensor& tile_counts, int64_t box_size, int64_t instances);
 
 at::Tensor rasterize_fwd(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& weights,
                          const at::Tensor& tile_ranges, const at::Tensor& gids, int64_t box_size, double cutoff,

@@ -48,12 +48,13 @@ void launch_preprocess_bwd(int64_t B, int64_t N, float pixel_size,
 
 // bin_kernel.cu -----------------------------------------------------------------------------------
 // Writes one (key = b*T + tile, value = g) per covered tile of each pair, b-major, into
-// keys[offsets[i] - counts[i] .. offsets[i]) for pair i = b*N + g.
+// keys[offsets[i] - counts[i] .. offsets[i]) for pair i = b*N + g; never at or beyond M.
 void launch_duplicate(int64_t B, int64_t N, int D, int tiles_x,
                       const float* means2d,        // [B, N, 2]
                       const float* radii,          // [B, N, 2]
                       const int32_t* tile_counts,  // [B, N]
                       const int64_t* offsets,      // [B*N] inclusive prefix sum of tile_counts
+                      int64_t M,                   // offsets[B*N - 1], the number of instances
                       uint32_t* keys,              // [M] out
                       int32_t* values,             // [M] out
                       cudaStream_t stream);

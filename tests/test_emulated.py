@@ -82,7 +82,7 @@ def _tile_load(params, D, p, k):
     """Largest number of instances in one tile, through the emulated preprocess and binning."""
     C = ops()
     m2, cn, w, r, counts = C.preprocess_fwd(*[t.float() for t in params], D, p, k)
-    ranges = C.bin_instances(m2, r, counts, D)[0]
+    ranges = C.bin_instances(m2, r, counts, D, int(counts.sum()))[0]
     return int((ranges[..., 1] - ranges[..., 0]).max())
 
 
@@ -313,6 +313,68 @@ def test_degenerate_quaternions_get_zero_gradients(emu, path):
             assert torch.count_nonzero(g[12:]) == 0, n
             g = g[:12]
         assert rel_err(g, grads[n]) <= GRAD_TOL, n
+
+
+def _count_host_reads(params, v, D, p, k, max_instances):
+    """Device-to-host reads (aten::_local_scalar_dense, i.e. Tensor.item()) and .tolist() calls of
+    one forward and backward, debug poisoning off (its checks read back on purpose)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cryogs import cuda_backend
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads["item"] += 1
+            return func(*args, **(kwargs or {}))
+
+    reads = {"item": 0, "tolist": 0}
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        reads["tolist"] += 1
+        return tolist(self)
+
+    leaves = [t.float().clone().requires_grad_(True) for t in params]
+    ops().set_debug_poison(False)
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with Count():
+            img = cuda_backend.project_cuda(*leaves, box_size=D, pixel_size=p, cutoff=k, max_instances=max_instances)
+            (img * v.float()).sum().backward()
+    finally:
+        torch.Tensor.tolist = tolist
+        ops().set_debug_poison(True)
+    return reads, cuda_backend.last_stats["batches"]
+
+
+@pytest.mark.parametrize("max_instances", [None, 1])
+def test_one_host_read_per_forward(emu, max_instances):
+    """The per-image instance totals are read back once per forward (they size the binning buffers
+    and plan the sub-batches); bin_instances takes the count instead of reading it again, so nothing
+    else reads back, in the forward or in a backward that bins again per sub-batch."""
+    case, v, _, _ = _reference("standard")
+    reads, batches = emu.run(_count_host_reads, case["params"], v, case["D"], case["p"], case["k"], max_instances)
+    assert batches == (1 if max_instances is None else 3)
+    assert reads == {"item": 0, "tolist": 1}
+
+
+
+
+def _bin_with_count(params, D, p, k, extra):
+    C = ops()
+    m2, cn, w, r, counts = C.preprocess_fwd(*[t.float() for t in params], D, p, k)
+    return C.bin_instances(m2, r, counts, D, int(counts.sum()) + extra)[0]
+
+
+def test_instance_count_is_checked_in_debug_mode(emulators):
+    """bin_instances trusts the instance count it is given, except in the debug (poisoning) mode."""
+    emu = emulators[VARIANTS[0]]
+    case, _, _, _ = _reference("standard")
+    args = (case["params"], case["D"], case["p"], case["k"])
+    emu.run(_bin_with_count, *args, 0)
+    with pytest.raises(RuntimeError, match="but the tile counts sum to"):
+        emu.run(_bin_with_count, *args, -1)
 
 
 # ---- voxelize ------------------------------------------------------------------------------------
