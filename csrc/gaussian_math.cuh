@@ -75,49 +75,29 @@ GM_HD bool is_finite(T x) {
 }
 
 // Correctly rounded add/sub/mul that the compiler may not fuse into an FMA: the tile rectangle must
-// come out bit-identical at every call site and in the PyTorch reference (cryogs/binning.py).
-GM_HD float add_rn(float a, float b) {
+// come out bit-identical at every call site and in the PyTorch reference (cryogs/binning.py). On the
+// host, a product and the operands of a sum go through a volatile, which no contraction
+// (-ffp-contract=fast, as in the emulated build) can fuse across.
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+GM_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+GM_HD double add_rn(double a, double b) { return __dadd_rn(a, b); }
+GM_HD float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+GM_HD double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+GM_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+GM_HD double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 #else
-  return a + b;
-#endif
+template <typename T>
+GM_HD T rounded(T x) {
+  const volatile T r = x;
+  return r;
 }
-GM_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
+GM_HD float add_rn(float a, float b) { return rounded(a) + rounded(b); }
+GM_HD double add_rn(double a, double b) { return rounded(a) + rounded(b); }
+GM_HD float sub_rn(float a, float b) { return rounded(a) - rounded(b); }
+GM_HD double sub_rn(double a, double b) { return rounded(a) - rounded(b); }
+GM_HD float mul_rn(float a, float b) { return rounded(a * b); }
+GM_HD double mul_rn(double a, double b) { return rounded(a * b); }
 #endif
-}
-GM_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-GM_HD double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-GM_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-GM_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Quaternion -> rotation matrix, and its VJP (normalisation included).

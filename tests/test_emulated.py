@@ -458,6 +458,38 @@ def test_contracted_twins_meet_gpu_tolerances(emulators, name):
     assert torch.equal(out["tile_counts"], binning.tile_counts(out["means2d"], out["radii"], case["D"], valid=valid))
 
 
+# A pair whose cutoff box ends a few ulps short of pixel 16, the first of tile 1, with x-radius r:
+# fused into an FMA, r (1 + 2^-10) + 2^-10 is rounded once and the box stops at pixel 15; rounded
+# after each operation, as cryogs.binning and the GPU (__fmul_rn, __fadd_rn) do, it reaches pixel 16.
+FMA_EDGE = {"centre_x": 7.9997382164001465, "radius_x": 7.991479873657227}
+
+
+def _bin_at_fma_edge(m2, r, cn, counts, D):
+    """The twin's tiled forward (which checks its tile rectangles against `counts`) and the kernels'
+    binning of a pair at FMA_EDGE."""
+    C = ops()
+    C.rasterize_fwd_cpu(m2, cn, torch.ones(1, 1), r, counts, D, 3.5)
+    return C.bin_instances(m2, r, counts, D, int(counts.sum()))
+
+
+def test_tile_rectangles_are_contraction_proof(emulators):
+    """With FMA contraction on, as in this build (and nvcc's default), the twins and the kernels
+    still compute the tile rectangle of cryogs.binning exactly (they did not: the host versions of
+    add_rn/mul_rn were plain expressions, fused into an FMA)."""
+    from cryogs import binning
+
+    emu = emulators[VARIANTS[0]]
+    D = 48
+    m2 = torch.tensor([[[FMA_EDGE["centre_x"], 24.0]]])
+    r = torch.tensor([[[FMA_EDGE["radius_x"], 2.0]]])
+    cn = torch.tensor([[[0.2, 0.0, 3.0]]])
+    counts = binning.tile_counts(m2, r, D, valid=binning.valid_pairs(cn))
+    assert int(counts) == 2  # tiles (0, 1) and (1, 1)
+    ranges, keys, gids = emu.run(_bin_at_fma_edge, m2, r, cn, counts, D)
+    ref_ranges, ref_keys, ref_gids = binning.bin_reference(m2, r, D, valid=binning.valid_pairs(cn))
+    assert torch.equal(ranges, ref_ranges) and torch.equal(keys.long(), ref_keys) and torch.equal(gids.long(), ref_gids)
+
+
 def test_twins_are_contracted(emulators):
     """The emulated build's twins really contain fused multiply-adds (on a CPU with FMA)."""
     import shutil
