@@ -100,7 +100,7 @@ void launch_rasterize_bwd(int64_t B, int64_t N, int D, int tiles_x, float cutoff
                           cudaStream_t stream);
 
 // voxelize_kernel.cu ------------------------------------------------------------------------------
-// One block per Gaussian, atomics into the (zeroed) volume V[z, y, x].
+// One block per Gaussian and slab of 8 z-planes of its box, atomics into the (zeroed) volume V[z, y, x].
 void launch_voxelize_fwd(int64_t N, int D, float pixel_size, float cutoff,
                          const float* means,       // [N, 3]
                          const float* quats,       // [N, 4]

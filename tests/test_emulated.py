@@ -426,6 +426,23 @@ def test_voxelize_matches_reference(emu, D):
     assert rel_err(vol, ref) <= FWD_TOL
 
 
+def test_voxelize_spreads_a_large_gaussian_over_blocks(emu):
+    """A Gaussian filling a 64³ box is split over blocks of z-slabs, so that no thread evaluates more
+    than 128 of its voxels (one block looped 1024 times per thread here, ~65k at 256³)."""
+    from cryogs.gaussian_math import covariance_3d
+    from cryogs.reference import voxelize_splat
+
+    D, p, k = 64, 1.0, 3.5
+    means = torch.tensor([[0.4, -0.3, 0.2]], dtype=F64)
+    quats = torch.tensor([[0.9, 0.1, -0.3, 0.2]], dtype=F64)
+    scales = torch.tensor([[40.0, 45.0, 50.0]], dtype=F64)
+    amps = torch.tensor([2.0], dtype=F64)
+    ref = voxelize_splat(means, covariance_3d(quats, scales), amps, box_size=D, pixel_size=p, cutoff=k)
+    vol, cnt = emu.run(_voxelize, means, quats, scales, amps, D, p, k)
+    assert rel_err(vol, ref) <= FWD_TOL
+    assert D**3 / (cnt["blocks"]["voxelize_fwd_kernel"] * 256) <= 128
+
+
 # ---- the CPU twins, with FMA contraction ---------------------------------------------------------
 def _twin_project(params, v, D, p, k):
     """Image and gradients through the float32 CPU twins of the emulated build (tiled as the kernels)."""
