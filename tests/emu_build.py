@@ -22,7 +22,8 @@ Variants (each a directory holding ``cryogs_emu*.so``, loaded by tests/emu_worke
 
     asan  AddressSanitizer + UBSan, aborting on the first error
     tsan  ThreadSanitizer
-    cov   gcov line counts of the kernels (``python tests/emu_build.py coverage``)
+    cov   gcov line counts of the kernels: ``python tests/emu_build.py coverage`` runs the emulated
+          tests on it and prints which lines of each kernel ran
 
 Only the kernels and the runtime are instrumented: the host wrappers, twins and bindings run on one
 thread and reach tensor memory only through torch or the kernels, so they are compiled once (``-O0``,
@@ -39,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -124,7 +126,7 @@ class _Job:
 def _compile(job: _Job) -> None:
     src = job.path.with_suffix(".cpp")
     src.write_text(job.text)
-    tmp = job.path.with_suffix(".o.tmp")
+    tmp = job.path.with_suffix(".tmp.o")  # gcov's notes and counts are named after it (coverage)
     proc = subprocess.run([CXX, *job.flags, "-c", str(src), "-o", str(tmp)], capture_output=True, text=True,
                           cwd=ROOT)
     if proc.returncode != 0:
@@ -204,6 +206,50 @@ def preload(variant: str) -> str:
     return " ".join(paths)
 
 
+def coverage() -> str:
+    """Builds the ``cov`` variant, runs the emulated tests on it and returns the line coverage of each
+    kernel and launcher of csrc/*.cu (and of the per-Gaussian maths they call), from gcov."""
+    d = build(("cov",))["cov"]
+    kernels = [Path(o) for o in (d / "objects.txt").read_text().split() if Path(o).stem.split("-")[0].endswith("_kernel")]
+    for o in kernels:
+        o.with_suffix(".tmp.gcda").unlink(missing_ok=True)
+    env = dict(os.environ, CRYOGS_EMU_VARIANTS="cov")
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "emulated", "-k", "not caught", "-p",
+                    "no:cacheprovider", str(ROOT / "tests" / "test_emulated.py")], env=env, cwd=ROOT, check=True)
+    per_function, per_file = {}, {}
+    for o in kernels:
+        out = subprocess.run(["gcov", "-j", "-t", "-o", str(o.with_suffix(".tmp.o")), str(o.with_suffix(".cpp"))],
+                             capture_output=True, text=True, check=True, cwd=o.parent).stdout
+        for f in json.loads(out)["files"]:
+            path = Path(f["file"])
+            if path.parent != CSRC:
+                continue
+            names = {fn["name"]: fn["demangled_name"] for fn in f["functions"]}
+            for line in f["lines"]:
+                key = (path.name, line["line_number"])
+                hit = line["count"] > 0
+                per_file[key] = per_file.get(key, False) or hit
+                fn = names.get(line.get("function_name"), "?")
+                if path.suffix == ".cu":
+                    fn = fn.split("(")[0].replace("(anonymous namespace)::", "")
+                    per_function.setdefault((path.name, fn), {})[line["line_number"]] = (
+                        per_function.get((path.name, fn), {}).get(line["line_number"], False) or hit)
+    rows = [f"{'function':58s} lines run"]
+    for (file, fn), lines in sorted(per_function.items()):
+        missed = sorted(n for n, hit in lines.items() if not hit)
+        rows.append(f"{file + ': ' + fn:58s} {sum(lines.values()):3d}/{len(lines):3d}"
+                    + (f"  missed {missed}" if missed else ""))
+    for file in sorted({f for f, _ in per_file}):
+        lines = {n: hit for (f, n), hit in per_file.items() if f == file}
+        missed = sorted(n for n, hit in lines.items() if not hit)
+        rows.append(f"{file + ' (whole file)':58s} {sum(lines.values()):3d}/{len(lines):3d}"
+                    + (f"  missed {missed}" if missed else ""))
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    for v, d in build(sys.argv[1:] or ("asan", "tsan")).items():
-        print(v, d)
+    if sys.argv[1:] == ["coverage"]:
+        print(coverage())
+    else:
+        for v, d in build(sys.argv[1:] or ("asan", "tsan")).items():
+            print(v, d)

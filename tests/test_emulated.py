@@ -518,3 +518,57 @@ def test_twins_are_contracted(emulators):
     twins = next(o for o in objs if os.path.basename(o).startswith("cpu_twins-"))
     asm = subprocess.run(["objdump", "-d", twins], capture_output=True, text=True, check=True).stdout
     assert "vfmadd" in asm or "vfmsub" in asm or "vfnmadd" in asm
+
+
+# ---- mutation checks -----------------------------------------------------------------------------
+def _mutant(old: str, new: str) -> dict[str, str]:
+    """csrc/rasterize_fwd_kernel.cu with its one occurrence of `old` replaced by `new`."""
+    name = "rasterize_fwd_kernel.cu"
+    text = (emu_build.CSRC / name).read_text()
+    assert text.count(old) == 1, f"the mutation no longer applies to {name}"
+    return {name: text.replace(old, new)}
+
+
+def test_missing_syncthreads_is_caught():
+    """Deleting the barrier between staging a batch in shared memory and reading it is a data race
+    for ThreadSanitizer, and a wrong image in every variant (the fixed schedule lets thread 0 read
+    the batch before the others stage it).
+
+    Proven once by hand for every barrier, deleting each __syncthreads of csrc/*.cu in turn and
+    running the projection tests (``-k "matches_dense or pose or sub_batches"``): without
+    rasterize_fwd's first (this mutant), rasterize_bwd's, preprocess_bwd_gauss's or
+    preprocess_bwd_pose's, every test that runs that kernel fails under TSan (a data race on the
+    staged or reduced shared array) and nearly all under ASan (stale values; those that pass have a
+    single thread's data, e.g. N = 1); without rasterize_fwd's second, crowded_3000 fails under both,
+    the case whose tiles need more than one staging batch, as it should: it is the only one where
+    that barrier matters.
+    """
+    mutant = _mutant("    __syncthreads();\n    const int n =", "    const int n =")
+    dirs = emu_build.build(("asan", "tsan"), overrides=mutant, tag="-nosync")
+    case, v, ref, _ = _reference("standard")
+    args = (case["params"], None, case["D"], case["p"], case["k"])
+    asan = Emulator("asan", dirs["asan"])
+    try:
+        assert rel_err(asan.run(_project, *args)["image"], ref) > 1e-2
+    finally:
+        asan.close()
+    with pytest.raises(SanitizerError, match=r"(?s)ThreadSanitizer: data race.*rasterize_fwd_kernel"):
+        Emulator("tsan", dirs["tsan"]).run(_project, *args)
+
+
+def test_return_before_a_barrier_is_caught():
+    """A thread that returns before a __syncthreads its block still reaches (here: pixels outside a
+    37-pixel image leaving before the staging loop) fails the launch check: the threads of a block
+    passed different numbers of barriers (compute-sanitizer synccheck's rule)."""
+    mutant = _mutant("  const float fx = static_cast<float>(px), fy = static_cast<float>(py);\n",
+                     "  const float fx = static_cast<float>(px), fy = static_cast<float>(py);\n"
+                     "  if (px >= D || py >= D) return;\n")
+    dirs = emu_build.build(("asan",), overrides=mutant, tag="-early-return")
+    case, v, _, _ = _reference("box_37_single_image")
+    emu = Emulator("asan", dirs["asan"])
+    try:
+        with pytest.raises(RuntimeError, match=r"rasterize_fwd_kernel.*passed \d+ __syncthreads, thread \(0, 0, 0\) "
+                                               r"passed \d+ \(a thread returned before a barrier"):
+            emu.run(_project, case["params"], None, case["D"], case["p"], case["k"])
+    finally:
+        emu.close()

@@ -16,8 +16,9 @@
 // returned thread releases nothing, as a barrier orders only the threads that reach it); every
 // thread -> launch end. A missing __syncthreads is thus a data race for TSan, and in every variant
 // a stale value, since the fixed schedule runs each thread as far as it can. Blocks run one after
-// another and are ordered too (block k's threads -> block k+1's), as their __shared__ arrays are
-// the same statics, so TSan cannot see races between blocks. Scheduler and fibers exchange control
+// another and are ordered too (block k's threads -> block k+1's, through tokens alternating with
+// the block's parity, so that no thread acquires what a thread of its own block released on
+// returning), as their __shared__ arrays are the same statics; TSan cannot see races between blocks. Scheduler and fibers exchange control
 // data through atomics only, which never race.
 #include <pthread.h>
 #include <sys/mman.h>
@@ -74,12 +75,12 @@ struct Launch {
   int threads, warps;
   void (*body)(void*);
   void* arg;
-  std::atomic<long> block_index{0};
   std::atomic<long> phase{0};                       // barriers released in the current block
   std::unique_ptr<std::atomic<long>[]> warp_phase;  // [warps] shuffle barriers released
   std::vector<float> lanes;  // [threads] values offered to a shuffle (ordered by the warp tokens)
   // Happens-before tokens: only their addresses matter.
-  char order_token;                    // launch, blocks in order, launch end
+  char order_token[2];                 // blocks in order, by block parity: block k acquires the
+                                       // token of parity k - 1 and releases that of parity k
   char barrier_token[2];               // __syncthreads, by phase parity
   std::unique_ptr<char[]> warp_token;  // [warps][2] shuffle barriers, by phase parity
 
@@ -93,6 +94,7 @@ struct Pool {
   std::atomic<Launch*> launch{nullptr};
   std::atomic<Fiber*> running{nullptr};
   std::atomic<bool> unwinding{false};  // resumed fibers are to throw Exit
+  std::atomic<long> block_index{0};    // of the block being run (read before any acquire)
   std::atomic<void*> sched_tsan{nullptr};
   ucontext_t sched_uc;
   void* sched_fake = nullptr;
@@ -152,7 +154,7 @@ void report(const std::string& msg) {
 }
 
 std::string where(const Launch& L) {
-  return std::string(L.name) + ", block " + coords(unflatten(L.block_index.load(), L.grid));
+  return std::string(L.name) + ", block " + coords(unflatten(pool.block_index.load(), L.grid));
 }
 
 // ---- context switches -----------------------------------------------------------------------------
@@ -196,14 +198,14 @@ void fiber_main(unsigned int hi, unsigned int lo) {
 #endif
   for (;;) {
     Launch& L = *pool.launch.load(std::memory_order_relaxed);
+    const long k = pool.block_index.load(std::memory_order_relaxed);
     try {
-      hb_acquire(&L.order_token);
-      f.ctx = {unflatten(f.tid, L.block), unflatten(L.block_index.load(std::memory_order_relaxed), L.grid), L.block,
-               L.grid};
+      hb_acquire(&L.order_token[(k + 1) % 2]);
+      f.ctx = {unflatten(f.tid, L.block), unflatten(k, L.grid), L.block, L.grid};
       L.body(L.arg);
     } catch (const Exit&) {
     }
-    hb_release(&L.order_token);
+    hb_release(&L.order_token[k % 2]);
     wait(f, DONE);
   }
 }
@@ -276,7 +278,7 @@ bool release(Launch& L, int live, int at_barrier) {
 
 // Runs block `k` to its end; false (problem reported, fibers unwound) on a deadlock.
 bool run_block(Launch& L, long k) {
-  L.block_index.store(k, std::memory_order_relaxed);
+  pool.block_index.store(k, std::memory_order_relaxed);
   L.phase.store(0, std::memory_order_relaxed);
   for (int w = 0; w < L.warps; ++w) L.warp_phase[w].store(0, std::memory_order_relaxed);
   for (int t = 0; t < L.threads; ++t) {
@@ -365,10 +367,11 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*body)(v
   L.lanes.assign(L.threads, 0.f);
   fiber(L.threads - 1);
   pool.launch.store(&L, std::memory_order_relaxed);
-  hb_release(&L.order_token);
+  hb_release(&L.order_token[1]);  // to block 0
   for (long k = 0; k < blocks && run_block(L, k); ++k) {
   }
-  hb_acquire(&L.order_token);
+  hb_acquire(&L.order_token[0]);
+  hb_acquire(&L.order_token[1]);
   pool.launch.store(nullptr, std::memory_order_relaxed);
   pool.running.store(nullptr, std::memory_order_relaxed);
   tctx.store(nullptr, std::memory_order_relaxed);
