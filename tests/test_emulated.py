@@ -147,6 +147,20 @@ def test_matches_dense(emu, name):
         assert sorts[0] == 1, "CUB's single-tile path"
 
 
+@pytest.mark.parametrize("name", ["standard", "box_37_single_image", "anisotropic"])
+def test_matches_torch_backend(emulators, name):
+    """The same projections through the ``torch`` backend (float32 splat, same cutoff): image and
+    gradients agree at the tolerances of dense."""
+    from cryogs import project
+
+    case, v, _, _ = _reference(name)
+    leaves = [t.float().requires_grad_(True) for t in case["params"]]
+    img = project(*leaves, box_size=case["D"], pixel_size=case["p"], backend="torch", cutoff=case["k"])
+    (img * v.float()).sum().backward()
+    out = emulators[VARIANTS[0]].run(_project, case["params"], v, case["D"], case["p"], case["k"])
+    _assert_matches(out, img.detach(), {n: t.grad for n, t in zip(NAMES, leaves)})
+
+
 # ---- edge cases -----------------------------------------------------------------------------------
 def _case(seed, params_fn=None, **kw):
     """make_case on a fixed seed; params_fn(gen) may supply the float64 parameters."""
@@ -295,16 +309,12 @@ def _with_degenerate(gen):
     return means, quats, scales, amps, rot, shifts
 
 
-@pytest.mark.parametrize("path", ["kernels", "twins"])
-def test_degenerate_quaternions_get_zero_gradients(emu, path):
-    """A Gaussian with a zero or non-finite quaternion covers nothing: its gradients are zero (they
-    were NaN: stage B, and its CPU twin, applied the quaternion chain rule to R(q) = NaN), the others
-    are those of dense."""
+def _check_degenerate(emu, fn):
     case, gen = _case(23, _with_degenerate, D=40, tol=0)
     v = _upstream(case, gen)
     ordinary = tuple(t[:12] for t in case["params"][:4]) + case["params"][4:]
     ref, grads = dense_reference(dict(case, params=ordinary), v)
-    out = emu.run(_project if path == "kernels" else _twin_project, case["params"], v, case["D"], case["p"], case["k"])
+    out = emu.run(fn, case["params"], v, case["D"], case["p"], case["k"])
     assert rel_err(out["image"], ref) <= FWD_TOL
     for n in NAMES:
         g = out["grads"][n]
@@ -313,6 +323,17 @@ def test_degenerate_quaternions_get_zero_gradients(emu, path):
             assert torch.count_nonzero(g[12:]) == 0, n
             g = g[:12]
         assert rel_err(g, grads[n]) <= GRAD_TOL, n
+
+
+def test_degenerate_quaternions_get_zero_gradients(emu):
+    """A Gaussian with a zero or non-finite quaternion covers nothing: its gradients are zero (they
+    were NaN: stage B applied the quaternion chain rule to R(q) = NaN), the others are those of dense."""
+    _check_degenerate(emu, _project)
+
+
+def test_degenerate_quaternions_twins(emulators):
+    """The same for the CPU twins, which had the same chain rule."""
+    _check_degenerate(emulators[VARIANTS[0]], _twin_project)
 
 
 def _count_host_reads(params, v, D, p, k, max_instances):
@@ -349,10 +370,11 @@ def _count_host_reads(params, v, D, p, k, max_instances):
 
 
 @pytest.mark.parametrize("max_instances", [None, 1])
-def test_one_host_read_per_forward(emu, max_instances):
+def test_one_host_read_per_forward(emulators, max_instances):
     """The per-image instance totals are read back once per forward (they size the binning buffers
     and plan the sub-batches); bin_instances takes the count instead of reading it again, so nothing
     else reads back, in the forward or in a backward that bins again per sub-batch."""
+    emu = emulators[VARIANTS[0]]
     case, v, _, _ = _reference("standard")
     reads, batches = emu.run(_count_host_reads, case["params"], v, case["D"], case["p"], case["k"], max_instances)
     assert batches == (1 if max_instances is None else 3)
@@ -387,7 +409,7 @@ def _voxelize(means, quats, scales, amps, D, p, k):
     return vol, counters()
 
 
-def _voxel_case(seed, D, *, p=1.0, k=3.5, N=12, tol=1e-4):
+def _voxel_case(seed, D, *, p=1.0, k=3.5, N=12, tol=1e-5):
     """Random Gaussians (float32 values) plus one centred on the box edge (partly outside) and one
     three times larger than the box; each resized until every voxel's float64 q is at least `tol`
     (relative) away from the cutoff, where float32 rounding could flip it (as guard_cutoff does for
@@ -401,15 +423,16 @@ def _voxel_case(seed, D, *, p=1.0, k=3.5, N=12, tol=1e-4):
     means, quats, scales, amps = (t.float().double() for t in (means, quats, scales, amps))
     c = torch.arange(D, dtype=F64)
     vox = torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)[:, [2, 1, 0]]  # (x, y, z)
+    bad = torch.arange(N)  # only resized Gaussians need checking again
     for _ in range(60):
-        inv = torch.linalg.inv(covariance_3d(quats, scales) / p**2)
-        d = vox[None] - (means / p + D // 2)[:, None]
-        q = torch.einsum("nvi,nij,nvj->nv", d, inv, d)
-        bad = ((q - k * k).abs() / (k * k)).amin(1) < tol
-        if not bad.any():
+        inv = torch.linalg.inv(covariance_3d(quats[bad], scales[bad]) / p**2)
+        d = vox[None] - (means[bad] / p + D // 2)[:, None]
+        q = ((d @ inv) * d).sum(-1)
+        bad = bad[((q - k * k).abs() / (k * k)).amin(1) < tol]
+        if not bad.numel():
             return (means, quats, scales, amps), D, p, k
-        scales[bad] = (scales[bad] * (1 + 0.05 * (2 * torch.rand(int(bad.sum()), 1, generator=gen, dtype=F64) - 1)))
-        scales = scales.float().double()
+        jitter = 1 + 0.05 * (2 * torch.rand(bad.numel(), 1, generator=gen, dtype=F64) - 1)
+        scales[bad] = (scales[bad] * jitter).float().double()
     raise AssertionError("could not keep the voxels away from the cutoff")
 
 
@@ -521,54 +544,50 @@ def test_twins_are_contracted(emulators):
 
 
 # ---- mutation checks -----------------------------------------------------------------------------
-def _mutant(old: str, new: str) -> dict[str, str]:
-    """csrc/rasterize_fwd_kernel.cu with its one occurrence of `old` replaced by `new`."""
-    name = "rasterize_fwd_kernel.cu"
+def _mutate(name: str, old: str, new: str) -> str:
+    """csrc/`name` with its one occurrence of `old` replaced by `new`."""
     text = (emu_build.CSRC / name).read_text()
     assert text.count(old) == 1, f"the mutation no longer applies to {name}"
-    return {name: text.replace(old, new)}
+    return text.replace(old, new)
 
 
-def test_missing_syncthreads_is_caught():
-    """Deleting the barrier between staging a batch in shared memory and reading it is a data race
-    for ThreadSanitizer, and a wrong image in every variant (the fixed schedule lets thread 0 read
-    the batch before the others stage it).
+def _stage_a(params, v, D, p, k):
+    """Preprocess, binning and rasterize_bwd alone (no rasterize_fwd)."""
+    C = ops()
+    m2, cn, w, r, counts = C.preprocess_fwd(*[t.float() for t in params], D, p, k)
+    ranges, _, gids = C.bin_instances(m2, r, counts, D, int(counts.sum()))
+    C.rasterize_bwd(m2, cn, w, r, ranges, gids, v.float(), D, k, torch.zeros_like(m2), torch.zeros_like(cn),
+                    torch.zeros_like(w))
 
-    Proven once by hand for every barrier, deleting each __syncthreads of csrc/*.cu in turn and
-    running the projection tests (``-k "matches_dense or pose or sub_batches"``): without
-    rasterize_fwd's first (this mutant), rasterize_bwd's, preprocess_bwd_gauss's or
-    preprocess_bwd_pose's, every test that runs that kernel fails under TSan (a data race on the
-    staged or reduced shared array) and nearly all under ASan (stale values; those that pass have a
-    single thread's data, e.g. N = 1); without rasterize_fwd's second, crowded_3000 fails under both,
-    the case whose tiles need more than one staging batch, as it should: it is the only one where
-    that barrier matters.
+
+def test_mutants_are_caught():
+    """The suite fails when a thread returns before a barrier or a barrier is deleted. One TSan
+    build of two mutants: rasterize_bwd whose pixels outside a 37-pixel image return before the
+    staging barrier (its launch check raises: the threads of a block passed different numbers of
+    barriers, compute-sanitizer synccheck's rule), and rasterize_fwd without the barrier between
+    staging a batch in shared memory and reading it (a data race: the sanitized child dies with the
+    report).
+
+    Proven once by hand for every barrier as well, deleting each __syncthreads of csrc/*.cu in turn
+    and running the projection tests (``-k "matches_dense or pose or sub_batches"``): without
+    rasterize_fwd's first, rasterize_bwd's, preprocess_bwd_gauss's or preprocess_bwd_pose's, every
+    test that runs that kernel fails under TSan (a data race on the staged or reduced shared array)
+    and nearly all under ASan (stale values, as the fixed schedule runs each thread as far as it can;
+    those that pass stage a single thread's data, e.g. N = 1); without rasterize_fwd's second,
+    crowded_3000 fails under both: the one case whose tiles need more than one staging batch, the
+    only one where that barrier matters.
     """
-    mutant = _mutant("    __syncthreads();\n    const int n =", "    const int n =")
-    dirs = emu_build.build(("asan", "tsan"), overrides=mutant, tag="-nosync")
-    case, v, ref, _ = _reference("standard")
-    args = (case["params"], None, case["D"], case["p"], case["k"])
-    asan = Emulator("asan", dirs["asan"])
-    try:
-        assert rel_err(asan.run(_project, *args)["image"], ref) > 1e-2
-    finally:
-        asan.close()
-    with pytest.raises(SanitizerError, match=r"(?s)ThreadSanitizer: data race.*rasterize_fwd_kernel"):
-        Emulator("tsan", dirs["tsan"]).run(_project, *args)
-
-
-def test_return_before_a_barrier_is_caught():
-    """A thread that returns before a __syncthreads its block still reaches (here: pixels outside a
-    37-pixel image leaving before the staging loop) fails the launch check: the threads of a block
-    passed different numbers of barriers (compute-sanitizer synccheck's rule)."""
-    mutant = _mutant("  const float fx = static_cast<float>(px), fy = static_cast<float>(py);\n",
-                     "  const float fx = static_cast<float>(px), fy = static_cast<float>(py);\n"
-                     "  if (px >= D || py >= D) return;\n")
-    dirs = emu_build.build(("asan",), overrides=mutant, tag="-early-return")
+    mutants = {
+        "rasterize_bwd_kernel.cu": _mutate(
+            "rasterize_bwd_kernel.cu", "    s_G[tid] = (px < D && py < D) ? v_image[(b * D + py) * D + px] : 0.f;\n",
+            "    if (px >= D || py >= D) return;\n    s_G[tid] = v_image[(b * D + py) * D + px];\n"),
+        "rasterize_fwd_kernel.cu": _mutate("rasterize_fwd_kernel.cu", "    __syncthreads();\n    const int n =",
+                                           "    const int n ="),
+    }
+    emu = Emulator("tsan", emu_build.build(("tsan",), overrides=mutants, tag="-mutants")["tsan"])
     case, v, _, _ = _reference("box_37_single_image")
-    emu = Emulator("asan", dirs["asan"])
-    try:
-        with pytest.raises(RuntimeError, match=r"rasterize_fwd_kernel.*passed \d+ __syncthreads, thread \(0, 0, 0\) "
-                                               r"passed \d+ \(a thread returned before a barrier"):
-            emu.run(_project, case["params"], None, case["D"], case["p"], case["k"])
-    finally:
-        emu.close()
+    with pytest.raises(RuntimeError, match=r"rasterize_bwd_kernel.*passed \d+ __syncthreads, thread \(0, 0, 0\) "
+                                           r"passed \d+ \(a thread returned before a barrier"):
+        emu.run(_stage_a, case["params"], v, case["D"], case["p"], case["k"])
+    with pytest.raises(SanitizerError, match=r"(?s)ThreadSanitizer: data race.*rasterize_fwd_kernel"):
+        emu.run(_project, case["params"], None, case["D"], case["p"], case["k"])
