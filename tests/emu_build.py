@@ -7,14 +7,15 @@ What goes in is what setup.py compiles into ``cryogs._C``, with the CUDA parts s
 - every ``csrc/*.cu``, unchanged except that each launch ``k<<<grid, block, smem, stream>>>(`` is
   rewritten to ``EMU_LAUNCH(k, grid, block, smem, stream)(`` on the same lines (a ``#line`` makes
   compiler, sanitizer and gcov reports point at the ``.cu``), with ``csrc/emu/device.h``
-  force-included: one OS thread per CUDA thread (see that header);
+  force-included: each CUDA thread a fiber under a deterministic scheduler (see that header);
 - every ``csrc/*.cpp``: the real host wrappers, CPU twins and pybind11 bindings, against the
   ``csrc/emu/`` stubs of ``cuda_runtime.h``, ``c10/cuda`` and CUB, and ``-DCRYOGS_EMULATED``, their
   one switch (the ops take CPU tensors);
 - ``csrc/emu/runtime.cpp``, the block scheduler.
 
-Everything is built with FMA contraction on (``-ffp-contract=fast``, ``-mfma`` where the CPU has
-it), as nvcc contracts by default, so the CPU twins in this module are the contracted twin build
+The kernels and the CPU twins are built with FMA contraction on (``-ffp-contract=fast``, ``-mfma``
+where the CPU has it, and ``-fexpensive-optimizations``, without which GCC does not contract at
+``-O1``), as nvcc contracts by default: the twins of this module are the contracted twin build
 (``cryogs._C``'s are not contracted).
 
 Variants (each a directory holding ``cryogs_emu*.so``, loaded by tests/emu_worker.py, and
@@ -22,8 +23,8 @@ Variants (each a directory holding ``cryogs_emu*.so``, loaded by tests/emu_worke
 
     asan  AddressSanitizer + UBSan, aborting on the first error
     tsan  ThreadSanitizer
-    cov   gcov line counts of the kernels: ``python tests/emu_build.py coverage`` runs the emulated
-          tests on it and prints which lines of each kernel ran
+    cov   gcov line counts of the kernels (-O0, so not contracted): ``python tests/emu_build.py
+          coverage`` runs the emulated tests on it and prints which lines of each kernel ran
 
 Only the kernels and the runtime are instrumented: the host wrappers, twins and bindings run on one
 thread and reach tensor memory only through torch or the kernels, so they are compiled once (``-O0``,
@@ -47,6 +48,8 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -75,7 +78,6 @@ def cpu_has_fma() -> bool:
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
-    import torch
     from torch.utils import cpp_extension
 
     inc = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
@@ -161,7 +163,7 @@ def build(variants=("asan", "tsan"), overrides: dict[str, str] | None = None, ta
     cflags, lflags = _torch_flags()
     base = ["-std=c++20", "-fPIC", "-DCRYOGS_EMULATED", f"-DTORCH_EXTENSION_NAME={MODULE}",
             "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{EMU}", f"-I{CSRC}", *cflags, *_contract_flags()]
-    key = (_headers_digest(), _compiler_id(), sys.version, lflags)
+    key = (_headers_digest(), _compiler_id(), sys.version, torch.__version__, lflags)
     (BUILD / "obj").mkdir(parents=True, exist_ok=True)
     with open(BUILD / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -185,8 +187,8 @@ def build(variants=("asan", "tsan"), overrides: dict[str, str] | None = None, ta
                 proc = subprocess.run([CXX, *objs, *link, "-o", str(so) + ".tmp"], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"emu_build: linking {v} failed:\n{proc.stderr[-8000:]}")
-                os.replace(str(so) + ".tmp", so)
                 (d / "objects.txt").write_text("".join(o + "\n" for o in objs))
+                os.replace(str(so) + ".tmp", so)
             out[v] = d
         return out
 

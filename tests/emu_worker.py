@@ -10,8 +10,10 @@ tests compare results with the float64 dense reference in the parent, outside th
 
 Every sanitizer report is fatal (ASan and UBSan abort, TSan runs with ``halt_on_error=1``), so a
 call either returns or raises :class:`SanitizerError` with the report; the next call then starts a
-fresh child. Measured on 2 cores: starting a child costs ~2 s (ASan) and ~3 s (TSan), i.e. torch's
-import; a child serves every test of a session.
+fresh child. Both sanitizers load into Python this way, TSan included, so the project's own host
+code runs under them (bindings, wrappers, cuda_backend); a standalone C++ driver would need a copy
+of that code. Measured on 2 busy cores: starting a child costs 2-4 s (ASan) and 4-8 s (TSan),
+mostly torch's import under the sanitizer; one child per variant serves every test of a session.
 """
 from __future__ import annotations
 
