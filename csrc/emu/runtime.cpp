@@ -2,11 +2,12 @@
 // plus the launch and sort counters that the tests read through ctypes (extern "C" at the end).
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the launching OS thread, from a pool that
-// lives as long as the process (launches are serialised by a mutex). The scheduler runs every runnable fiber, in thread order, until it
-// waits at __syncthreads or __shfl_down_sync or returns, and releases a barrier once every live
-// thread of the block (of the warp, for a shuffle) waits at it. Runs are deterministic, cost a
-// context switch per wait instead of an OS thread per CUDA thread, and a wait that no release can
-// end is reported as a deadlock (a hang on a GPU): its fibers are unwound by an exception.
+// lives as long as the process (launches are serialised by a mutex). The scheduler runs every
+// runnable fiber, in thread order, until it waits at __syncthreads or __shfl_down_sync or returns,
+// and releases a barrier once every live thread of the block (of the warp, for a shuffle) waits at
+// it. Runs are deterministic, cost a context switch per wait instead of an OS thread per CUDA
+// thread (SPEEDUP), and a wait that no release can end is reported as a deadlock (a hang on a GPU):
+// its fibers are unwound by an exception.
 //
 // The sanitizers see the fibers as threads: AddressSanitizer through its fiber-switch annotations,
 // ThreadSanitizer through __tsan_switch_to_fiber without synchronisation, so that the only
@@ -16,10 +17,10 @@
 // returned thread releases nothing, as a barrier orders only the threads that reach it); every
 // thread -> launch end. A missing __syncthreads is thus a data race for TSan, and in every variant
 // a stale value, since the fixed schedule runs each thread as far as it can. Blocks run one after
-// another and are ordered too (block k's threads -> block k+1's, through tokens alternating with
-// the block's parity, so that no thread acquires what a thread of its own block released on
-// returning), as their __shared__ arrays are the same statics; TSan cannot see races between blocks. Scheduler and fibers exchange control
-// data through atomics only, which never race.
+// another and are ordered too, as their __shared__ arrays are the same statics (block k's threads ->
+// block k+1's, through tokens alternating with the block's parity, so that no thread acquires what
+// a thread of its own block released on returning); TSan cannot see races between blocks.
+// Scheduler and fibers exchange control data through atomics only, which never race.
 #include <pthread.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -190,7 +191,7 @@ void wait(Fiber& f, State state) {
   if (pool.unwinding.load(std::memory_order_relaxed)) throw Exit{};
 }
 
-// A fiber runs its thread of one block per resumption, for every launch of its OS thread.
+// A fiber runs its thread of one block per resumption, across all the launches of the process.
 void fiber_main(unsigned int hi, unsigned int lo) {
   Fiber& f = *reinterpret_cast<Fiber*>((uintptr_t(hi) << 32) | uintptr_t(lo));
 #if defined(__SANITIZE_ADDRESS__)
