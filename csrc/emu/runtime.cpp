@@ -6,8 +6,9 @@
 // runnable fiber, in thread order, until it waits at __syncthreads or __shfl_down_sync or returns,
 // and releases a barrier once every live thread of the block (of the warp, for a shuffle) waits at
 // it. Runs are deterministic, cost a context switch per wait instead of an OS thread per CUDA
-// thread (SPEEDUP), and a wait that no release can end is reported as a deadlock (a hang on a GPU):
-// its fibers are unwound by an exception.
+// thread (under TSan, 0.25 s instead of 2.5 s for the standard case of the tools/cuda-emu proof,
+// which ran one OS thread per CUDA thread, on 2 cores), and a wait that no release can end is
+// reported as a deadlock (a hang on a GPU): its fibers are unwound by an exception.
 //
 // The sanitizers see the fibers as threads: AddressSanitizer through its fiber-switch annotations,
 // ThreadSanitizer through __tsan_switch_to_fiber without synchronisation, so that the only
