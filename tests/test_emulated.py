@@ -566,13 +566,28 @@ def _stage_a(params, v, D, p, k):
                     torch.zeros_like(w))
 
 
+def _pose_backward(params, D, p, k):
+    """Stage B's per-image (pose) reduction alone, on random 2D gradients."""
+    C = ops()
+    P = [t.float() for t in params]
+    m2, cn, w, _, _ = C.preprocess_fwd(*P, D, p, k)
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(t.shape, generator=gen) for t in (m2, cn, w)]
+    return C.preprocess_bwd(*P[:5], *v, p, True, False)
+
+
 def test_mutants_are_caught():
-    """The suite fails when a thread returns before a barrier or a barrier is deleted. One TSan
-    build of two mutants: rasterize_bwd whose pixels outside a 37-pixel image return before the
-    staging barrier (its launch check raises: the threads of a block passed different numbers of
-    barriers, compute-sanitizer synccheck's rule), and rasterize_fwd without the barrier between
-    staging a batch in shared memory and reading it (a data race: the sanitized child dies with the
-    report).
+    """The suite fails when a thread returns before a barrier, a warp shuffle is divergent or a
+    barrier is deleted. One TSan build of three mutants, checked in one child:
+
+    - rasterize_bwd whose pixels outside a 37-pixel image return before the staging barrier: its
+      launch check raises (the threads of a block passed different numbers of barriers,
+      compute-sanitizer synccheck's rule);
+    - preprocess_bwd_pose whose lanes 16-31 skip the warp reduction: half of each warp waits at the
+      shuffle, the rest at the barrier; the launch check reports the deadlock (a hang on a GPU), the
+      fibers are unwound, and the next launch runs normally;
+    - rasterize_fwd without the barrier between staging a batch in shared memory and reading it: a
+      data race (the sanitized child dies with the report).
 
     Proven once by hand for every barrier as well, deleting each __syncthreads of csrc/*.cu in turn
     and running the projection tests (``-k "matches_dense or pose or sub_batches"``): without
@@ -587,6 +602,9 @@ def test_mutants_are_caught():
         "rasterize_bwd_kernel.cu": _mutate(
             "rasterize_bwd_kernel.cu", "    s_G[tid] = (px < D && py < D) ? v_image[(b * D + py) * D + px] : 0.f;\n",
             "    if (px >= D || py >= D) return;\n    s_G[tid] = v_image[(b * D + py) * D + px];\n"),
+        "preprocess_kernel.cu": _mutate(
+            "preprocess_kernel.cu", "    for (int off = 16; off > 0; off >>= 1) v +=",
+            "    for (int off = 16; off > 0 && tid % 32 < 16; off >>= 1) v +="),
         "rasterize_fwd_kernel.cu": _mutate("rasterize_fwd_kernel.cu", "    __syncthreads();\n    const int n =",
                                            "    const int n ="),
     }
@@ -595,5 +613,9 @@ def test_mutants_are_caught():
     with pytest.raises(RuntimeError, match=r"rasterize_bwd_kernel.*passed \d+ __syncthreads, thread \(0, 0, 0\) "
                                            r"passed \d+ \(a thread returned before a barrier"):
         emu.run(_stage_a, case["params"], v, case["D"], case["p"], case["k"])
+    with pytest.raises(RuntimeError, match=r"preprocess_bwd_pose_kernel, block \(0, 0, 0\): deadlock, 128 thread\(s\) "
+                                           r"wait at __syncthreads and 128 at __shfl_down_sync"):
+        emu.run(_pose_backward, case["params"], case["D"], case["p"], case["k"])
+    emu.run(_stage_a, case["params"], v[:, :16, :16].contiguous(), 16, case["p"], case["k"])  # whole tiles
     with pytest.raises(SanitizerError, match=r"(?s)ThreadSanitizer: data race.*rasterize_fwd_kernel"):
         emu.run(_project, case["params"], None, case["D"], case["p"], case["k"])
