@@ -1,6 +1,7 @@
 """The CUDA kernels run on the CPU (marker ``emulated``): csrc/*.cu through the emulator of csrc/emu/,
-driven by the project's real host code, against the float64 dense reference, under
-AddressSanitizer + UBSan and ThreadSanitizer.
+driven by the project's real host code, against the float64 dense reference (and the torch
+backend), under AddressSanitizer + UBSan and ThreadSanitizer; and mutants of the kernels, which
+the emulator must catch (test_mutants_are_caught).
 
 What runs is ``cryogs.cuda_backend`` itself (``project_cuda``, ``_ProjectCUDA`` with its sub-batching,
 ``voxelize_cuda``) on ``cryogs_emu``, a build of the extension's own host wrappers, bindings and
@@ -29,8 +30,8 @@ import torch
 
 import emu_build
 from cuda_helpers import NAMES, dense_reference, make_case, rel_err
-from helpers import random_mixture, random_poses
 from emu_worker import Emulator, SanitizerError, counters, ops
+from helpers import random_mixture, random_poses
 
 pytestmark = pytest.mark.emulated
 
@@ -183,6 +184,7 @@ def _off_image(gen):
 
 
 def test_every_pair_off_image_or_invalid(emu):
+    """No instance at all (M = 0 with B·N > 0): a zero image, every gradient exactly zero, no sort."""
     case, gen = _case(20, _off_image, D=32, pixel_size=1.0, tol=0)
     v = _upstream(case, gen)
     out = emu.run(_project, case["params"], v, case["D"], case["p"], case["k"])
@@ -201,6 +203,7 @@ def _huge(gen):
 
 
 def test_gaussian_larger_than_the_image(emu):
+    """A pair in every tile of both images, among ordinary ones, as dense."""
     case, gen = _case(21, _huge, D=40, pixel_size=1.0, tol=2e-4)
     v = _upstream(case, gen)
     ref, grads = dense_reference(case, v)
