@@ -14,12 +14,13 @@ constexpr int THREADS = 256;
 // Pair i = b*N + g writes its instances at [offsets[i] - tile_counts[i], offsets[i]), tiles in
 // row-major order (y, then x). The tile rectangle comes from the same tile_rect() as the count in
 // preprocess, on the same stored float values, so it yields exactly tile_counts[i] instances; the
-// writes are nevertheless bounded by the pair's slot.
+// writes are nevertheless bounded by the pair's slot and by M (the host's count, not re-read).
 __global__ void duplicate_kernel(int64_t B, int64_t N, int D, int tiles_x,
                                  const float* __restrict__ means2d,        // [B, N, 2]
                                  const float* __restrict__ radii,          // [B, N, 2]
                                  const int32_t* __restrict__ tile_counts,  // [B, N]
                                  const int64_t* __restrict__ offsets,      // [B*N]
+                                 int64_t M,
                                  uint32_t* __restrict__ keys,              // [M]
                                  int32_t* __restrict__ values) {           // [M]
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -30,8 +31,8 @@ __global__ void duplicate_kernel(int64_t B, int64_t N, int D, int tiles_x,
   const int32_t g = static_cast<int32_t>(i % N);
   Rect pix, tiles;
   if (!tile_rect(means2d[2 * i], means2d[2 * i + 1], radii[2 * i], radii[2 * i + 1], D, TILE_SIZE, pix, tiles)) return;
-  const int64_t end = offsets[i];
-  int64_t o = end - count;
+  int64_t o = offsets[i] - count;
+  const int64_t end = offsets[i] < M ? offsets[i] : M;
   const uint32_t base = static_cast<uint32_t>(b) * static_cast<uint32_t>(tiles_x * tiles_x);
   for (int ty = tiles.y0; ty <= tiles.y1; ++ty) {
     for (int tx = tiles.x0; tx <= tiles.x1; ++tx) {
@@ -57,13 +58,13 @@ __global__ void tile_ranges_kernel(int64_t M, uint64_t num_keys,
 }  // namespace
 
 void launch_duplicate(int64_t B, int64_t N, int D, int tiles_x, const float* means2d, const float* radii,
-                      const int32_t* tile_counts, const int64_t* offsets, uint32_t* keys, int32_t* values,
-                      cudaStream_t stream) {
+                      const int32_t* tile_counts, const int64_t* offsets, int64_t M, uint32_t* keys,
+                      int32_t* values, cudaStream_t stream) {
   const int64_t pairs = B * N;
   if (pairs == 0) return;
   const int64_t blocks = (pairs + THREADS - 1) / THREADS;
   duplicate_kernel<<<static_cast<unsigned int>(blocks), THREADS, 0, stream>>>(B, N, D, tiles_x, means2d, radii,
-                                                                              tile_counts, offsets, keys, values);
+                                                                              tile_counts, offsets, M, keys, values);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

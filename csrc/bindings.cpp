@@ -1,4 +1,4 @@
-// Python bindings of the cryogs._C extension. Ops take and return torch tensors; see common.h and
+// Python bindings of the cryogs.render._C extension. Ops take and return torch tensors; see common.h and
 // kernels.h for shapes. Undefined tensors come back as None.
 #include <torch/extension.h>
 
@@ -9,6 +9,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cryogs CUDA rasterizer: preprocess, binning, rasterize forward/backward, voxelize; CPU twins";
+  m.attr("DEVICE_TYPE") = cryogs::KERNELS_ON_GPU ? "cuda" : "cpu";  // of the CUDA ops' tensors
   m.attr("TILE_SIZE") = cryogs::TILE_SIZE;
   m.attr("RECT_PAD_REL") = cryogs::RECT_PAD_REL;
   m.attr("RECT_PAD_ABS") = cryogs::RECT_PAD_ABS;
@@ -24,10 +25,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> [means2d [B,N,2], conics [B,N,3], weights [B,N], radii [B,N,2], tile_counts [B,N] int32]");
   m.def("preprocess_bwd", &cryogs::preprocess_bwd, py::arg("means"), py::arg("quats"), py::arg("scales"),
         py::arg("amplitudes"), py::arg("rotations"), py::arg("v_means2d"), py::arg("v_conics"), py::arg("v_weights"),
-        py::arg("pixel_size"), py::arg("pose_grads"),
-        "-> [v_means, v_quats, v_scales, v_amplitudes, v_rotations or None, v_shifts or None]");
+        py::arg("pixel_size"), py::arg("pose_grads"), py::arg("gauss_grads"),
+        "-> [v_means, v_quats, v_scales, v_amplitudes (None without gauss_grads), v_rotations, v_shifts "
+        "(None without pose_grads)]");
   m.def("bin_instances", &cryogs::bin_instances, py::arg("means2d"), py::arg("radii"), py::arg("tile_counts"),
-        py::arg("box_size"),
+        py::arg("box_size"), py::arg("instances"),
         "-> [tile_ranges [B,T,2] int64, sorted keys [M] int32 (uint32 bits of b*T + tile), gids [M] int32]");
   m.def("rasterize_fwd", &cryogs::rasterize_fwd, py::arg("means2d"), py::arg("conics"), py::arg("weights"),
         py::arg("tile_ranges"), py::arg("gids"), py::arg("box_size"), py::arg("cutoff"), py::arg("out") = py::none(),

@@ -67,8 +67,9 @@ at::Tensor alloc_out(at::IntArrayRef sizes, const at::TensorOptions& options) {
 void check_tensor(const char* op, const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype, bool cuda) {
   TORCH_CHECK(t.defined(), "cryogs.", op, ": ", name, " is missing (undefined tensor)");
-  TORCH_CHECK(cuda ? t.is_cuda() : t.device().is_cpu(), "cryogs.", op, ": ", name, " must be a ",
-              cuda ? "CUDA" : "CPU", " tensor, got one on ", t.device());
+  const bool gpu = cuda && KERNELS_ON_GPU;
+  TORCH_CHECK(gpu ? t.is_cuda() : t.device().is_cpu(), "cryogs.", op, ": ", name, " must be a ", gpu ? "CUDA" : "CPU",
+              " tensor, got one on ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "cryogs.", op, ": ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
   bool ok = t.dim() == static_cast<int64_t>(shape.size());

@@ -17,6 +17,14 @@
 
 namespace cryogs {
 
+// Whether the ops' tensors live on a CUDA device. The emulated build (csrc/emu/, CRYOGS_EMULATED)
+// runs the same kernels on CPU threads, so its "device" tensors are CPU tensors.
+#ifdef CRYOGS_EMULATED
+constexpr bool KERNELS_ON_GPU = false;
+#else
+constexpr bool KERNELS_ON_GPU = true;
+#endif
+
 // Debug poisoning: when on, every output buffer an op fully overwrites is first filled with NaN
 // (float) or a sentinel (int), so an unwritten element shows in the tests. Initialised from the
 // environment variable CRYOGS_DEBUG_POISON (any value but "", "0"), settable at run time.
@@ -29,7 +37,7 @@ void maybe_poison(at::Tensor& t);
 // at::empty(sizes, options), poisoned if poisoning is on.
 at::Tensor alloc_out(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// Checks that t is defined, on the expected device type, of dtype `dtype`, contiguous, and of shape
+// Checks that t is defined, on the ops' device (cuda) or the CPU, of dtype `dtype`, contiguous, and of shape
 // `shape` (-1 = any size); messages name the op and the argument.
 void check_tensor(const char* op, const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype, bool cuda);
@@ -50,10 +58,12 @@ std::vector<at::Tensor> preprocess_fwd(const at::Tensor& means, const at::Tensor
 std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                                        const at::Tensor& amplitudes, const at::Tensor& rotations,
                                        const at::Tensor& v_means2d, const at::Tensor& v_conics,
-                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads);
+                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads,
+                                       bool gauss_grads);
 
+// `instances` must be the sum of tile_counts (the caller has read it back already; see bin.cpp).
 std::vector<at::Tensor> bin_instances(const at::Tensor& means2d, const at::Tensor& radii,
-                                      const at::Tensor& tile_counts, int64_t box_size);
+                                      const at::Tensor& tile_counts, int64_t box_size, int64_t instances);
 
 at::Tensor rasterize_fwd(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& weights,
                          const at::Tensor& tile_ranges, const at::Tensor& gids, int64_t box_size, double cutoff,

@@ -78,9 +78,8 @@ void preprocess_bwd_impl(int64_t B, int64_t N, T p, const T* means, const T* qua
       mean2d_vjp(A, G.mu, p, v_u, acc + 9, v_A, v_t);
       acc[12] += v_m;
     }
-    T v_R[9], v_s[3], v_q[4];
-    scale_rot_vjp(G.R, G.s, acc, v_R, v_s);
-    quat_to_rotmat_vjp(G.q, v_R, v_q);
+    T v_s[3], v_q[4];
+    load_gaussian_vjp(G, acc, v_q, v_s);
     copy_n(acc + 9, 3, v_means + 3 * g);
     copy_n(v_s, 3, v_scales + 3 * g);
     copy_n(v_q, 4, v_quats + 4 * g);

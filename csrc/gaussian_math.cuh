@@ -75,49 +75,29 @@ GM_HD bool is_finite(T x) {
 }
 
 // Correctly rounded add/sub/mul that the compiler may not fuse into an FMA: the tile rectangle must
-// come out bit-identical at every call site and in the PyTorch reference (cryogs/render/binning.py).
-GM_HD float add_rn(float a, float b) {
+// come out bit-identical at every call site and in the PyTorch reference (cryogs/render/binning.py). On the
+// host, a product and the operands of a sum go through a volatile, which no contraction
+// (-ffp-contract=fast, as in the emulated build) can fuse across.
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+GM_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+GM_HD double add_rn(double a, double b) { return __dadd_rn(a, b); }
+GM_HD float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+GM_HD double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+GM_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+GM_HD double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 #else
-  return a + b;
-#endif
+template <typename T>
+GM_HD T rounded(T x) {
+  const volatile T r = x;
+  return r;
 }
-GM_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
+GM_HD float add_rn(float a, float b) { return rounded(a) + rounded(b); }
+GM_HD double add_rn(double a, double b) { return rounded(a) + rounded(b); }
+GM_HD float sub_rn(float a, float b) { return rounded(a) - rounded(b); }
+GM_HD double sub_rn(double a, double b) { return rounded(a) - rounded(b); }
+GM_HD float mul_rn(float a, float b) { return rounded(a * b); }
+GM_HD double mul_rn(double a, double b) { return rounded(a * b); }
 #endif
-}
-GM_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-GM_HD double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-GM_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-GM_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Quaternion -> rotation matrix, and its VJP (normalisation included).
@@ -201,6 +181,24 @@ GM_UNROLL
 GM_UNROLL
     for (int k = 0; k < 3; ++k) v_R[3 * k + j] = v_L[3 * k + j] * s[j];
   }
+}
+
+// VJP of load_gaussian's L = R(q) diag(s): v_q and v_s from the v_L summed over the Gaussian's
+// pairs. A Gaussian without gradient (every v_L zero: e.g. a zero or non-finite quaternion, whose
+// NaN R makes every pair invalid) gets zeros, not 0 * NaN.
+template <typename T>
+GM_HD void load_gaussian_vjp(const Gaussian<T>& G, const T v_L[9], T v_q[4], T v_s[3]) {
+  bool any = false;
+GM_UNROLL
+  for (int k = 0; k < 9; ++k) any = any || v_L[k] != T(0);
+  if (!any) {
+    v_q[0] = v_q[1] = v_q[2] = v_q[3] = T(0);
+    v_s[0] = v_s[1] = v_s[2] = T(0);
+    return;
+  }
+  T v_R[9];
+  scale_rot_vjp(G.R, G.s, v_L, v_R, v_s);
+  quat_to_rotmat_vjp(G.q, v_R, v_q);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ void launch_preprocess_fwd(int64_t B, int64_t N, int D, float pixel_size, float 
                            int32_t* tile_counts,     // [B, N]    out
                            cudaStream_t stream);
 
-// Backward stage B: per-Gaussian reduction over images (v_means .. v_amplitudes, written, not
-// accumulated) and, if v_rotations is not null, per-image reduction over Gaussians (v_rotations,
-// v_shifts, written).
+// Backward stage B: if v_means is not null, per-Gaussian reduction over images (v_means ..
+// v_amplitudes, written, not accumulated) and, if v_rotations is not null, per-image reduction over
+// Gaussians (v_rotations, v_shifts, written).
 void launch_preprocess_bwd(int64_t B, int64_t N, float pixel_size,
                            const float* means,       // [N, 3]
                            const float* quats,       // [N, 4]
@@ -38,22 +38,23 @@ void launch_preprocess_bwd(int64_t B, int64_t N, float pixel_size,
                            const float* v_means2d,   // [B, N, 2]
                            const float* v_conics,    // [B, N, 3]
                            const float* v_weights,   // [B, N]
-                           float* v_means,           // [N, 3] out
-                           float* v_quats,           // [N, 4] out
-                           float* v_scales,          // [N, 3] out
-                           float* v_amplitudes,      // [N]    out
+                           float* v_means,           // [N, 3] out, or null (no Gaussian gradients)
+                           float* v_quats,           // [N, 4] out, or null
+                           float* v_scales,          // [N, 3] out, or null
+                           float* v_amplitudes,      // [N]    out, or null
                            float* v_rotations,       // [B, 3, 3] out, or null (no pose gradients)
                            float* v_shifts,          // [B, 2]    out, or null
                            cudaStream_t stream);
 
 // bin_kernel.cu -----------------------------------------------------------------------------------
 // Writes one (key = b*T + tile, value = g) per covered tile of each pair, b-major, into
-// keys[offsets[i] - counts[i] .. offsets[i]) for pair i = b*N + g.
+// keys[offsets[i] - counts[i] .. offsets[i]) for pair i = b*N + g; never at or beyond M.
 void launch_duplicate(int64_t B, int64_t N, int D, int tiles_x,
                       const float* means2d,        // [B, N, 2]
                       const float* radii,          // [B, N, 2]
                       const int32_t* tile_counts,  // [B, N]
                       const int64_t* offsets,      // [B*N] inclusive prefix sum of tile_counts
+                      int64_t M,                   // offsets[B*N - 1], the number of instances
                       uint32_t* keys,              // [M] out
                       int32_t* values,             // [M] out
                       cudaStream_t stream);
@@ -99,7 +100,7 @@ void launch_rasterize_bwd(int64_t B, int64_t N, int D, int tiles_x, float cutoff
                           cudaStream_t stream);
 
 // voxelize_kernel.cu ------------------------------------------------------------------------------
-// One block per Gaussian, atomics into the (zeroed) volume V[z, y, x].
+// One block per Gaussian and slab of 8 z-planes of its box, atomics into the (zeroed) volume V[z, y, x].
 void launch_voxelize_fwd(int64_t N, int D, float pixel_size, float cutoff,
                          const float* means,       // [N, 3]
                          const float* quats,       // [N, 4]

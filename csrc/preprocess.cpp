@@ -54,7 +54,8 @@ std::vector<at::Tensor> preprocess_fwd(const at::Tensor& means, const at::Tensor
 std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                                        const at::Tensor& amplitudes, const at::Tensor& rotations,
                                        const at::Tensor& v_means2d, const at::Tensor& v_conics,
-                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads) {
+                                       const at::Tensor& v_weights, double pixel_size, bool pose_grads,
+                                       bool gauss_grads) {
   const char* op = "preprocess_bwd";
   check_gaussians(op, means, quats, scales, amplitudes, rotations);
   check_geometry(op, 1, pixel_size, 0.0);
@@ -65,11 +66,14 @@ std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor
   check_same_device(op, means, {v_means2d, v_conics, v_weights});
   const c10::cuda::CUDAGuard guard(means.device());
   const auto f32 = means.options();
-  at::Tensor v_means = alloc_out({N, 3}, f32);
-  at::Tensor v_quats = alloc_out({N, 4}, f32);
-  at::Tensor v_scales = alloc_out({N, 3}, f32);
-  at::Tensor v_amplitudes = alloc_out({N}, f32);
-  at::Tensor v_rotations, v_shifts;  // undefined (None in Python) without pose gradients
+  // Undefined (None in Python) when not asked for: pose refinement skips the per-Gaussian pass.
+  at::Tensor v_means, v_quats, v_scales, v_amplitudes, v_rotations, v_shifts;
+  if (gauss_grads) {
+    v_means = alloc_out({N, 3}, f32);
+    v_quats = alloc_out({N, 4}, f32);
+    v_scales = alloc_out({N, 3}, f32);
+    v_amplitudes = alloc_out({N}, f32);
+  }
   if (pose_grads) {
     v_rotations = alloc_out({B, 3, 3}, f32);
     v_shifts = alloc_out({B, 2}, f32);
@@ -77,8 +81,11 @@ std::vector<at::Tensor> preprocess_bwd(const at::Tensor& means, const at::Tensor
   launch_preprocess_bwd(B, N, static_cast<float>(pixel_size), means.data_ptr<float>(), quats.data_ptr<float>(),
                         scales.data_ptr<float>(), amplitudes.data_ptr<float>(), rotations.data_ptr<float>(),
                         v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), v_weights.data_ptr<float>(),
-                        v_means.data_ptr<float>(), v_quats.data_ptr<float>(), v_scales.data_ptr<float>(),
-                        v_amplitudes.data_ptr<float>(), pose_grads ? v_rotations.data_ptr<float>() : nullptr,
+                        gauss_grads ? v_means.data_ptr<float>() : nullptr,
+                        gauss_grads ? v_quats.data_ptr<float>() : nullptr,
+                        gauss_grads ? v_scales.data_ptr<float>() : nullptr,
+                        gauss_grads ? v_amplitudes.data_ptr<float>() : nullptr,
+                        pose_grads ? v_rotations.data_ptr<float>() : nullptr,
                         pose_grads ? v_shifts.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
   return {v_means, v_quats, v_scales, v_amplitudes, v_rotations, v_shifts};
 }

@@ -113,9 +113,8 @@ __global__ void __launch_bounds__(GX * BY)
     for (int r = 1; r < BY; ++r) sum += red[r][k][tx];
     acc[k] = sum;
   }
-  float v_R[9], v_s[3], v_q[4];
-  scale_rot_vjp(G.R, G.s, acc, v_R, v_s);
-  quat_to_rotmat_vjp(G.q, v_R, v_q);
+  float v_s[3], v_q[4];
+  load_gaussian_vjp(G, acc, v_q, v_s);
   GM_UNROLL
   for (int k = 0; k < 3; ++k) {
     v_means[3 * g + k] = acc[9 + k];
@@ -211,7 +210,7 @@ void launch_preprocess_bwd(int64_t B, int64_t N, float pixel_size, const float* 
                            const float* v_means2d, const float* v_conics, const float* v_weights, float* v_means,
                            float* v_quats, float* v_scales, float* v_amplitudes, float* v_rotations,
                            float* v_shifts, cudaStream_t stream) {
-  if (N > 0) {
+  if (v_means != nullptr && N > 0) {
     const int64_t blocks = (N + GX - 1) / GX;
     preprocess_bwd_gauss_kernel<<<static_cast<unsigned int>(blocks), dim3(GX, BY), 0, stream>>>(
         B, N, pixel_size, means, quats, scales, amplitudes, rotations, v_means2d, v_conics, v_weights, v_means,

@@ -9,10 +9,13 @@ namespace cryogs {
 namespace {
 
 constexpr int THREADS = 256;
+constexpr int SLAB = 8;  // z-planes of a Gaussian's box per block
 
-// One block per Gaussian; its threads stride over the voxels of its cutoff box (the same
-// axis_span rule as the 2D tiles, per axis) and add into the volume with atomics. Forward only;
-// the summation order is not fixed, so the result is not bitwise reproducible.
+// Block (g, s) evaluates Gaussian g on the planes lo_z + SLAB s .. lo_z + SLAB s + SLAB - 1 of its
+// cutoff box (the same axis_span rule as the 2D tiles, per axis): its threads stride over those
+// voxels and add into the volume with atomics, and blocks past the box return after the setup. A
+// Gaussian filling a 256^3 box thus takes 32 blocks of 2048 voxels per thread, not one of 65536.
+// Forward only; the summation order is not fixed, so the result is not bitwise reproducible.
 __global__ void __launch_bounds__(THREADS)
     voxelize_fwd_kernel(int D, float p, float c0, float k2, float cutoff,
                         const float* __restrict__ means,       // [N, 3]
@@ -36,12 +39,14 @@ __global__ void __launch_bounds__(THREADS)
   for (int k = 0; k < 3; ++k) {
     if (!axis_span(vg.c[k], vg.radii[k], D, lo[k], hi[k])) return;
   }
-  const int64_t nx = hi[0] - lo[0] + 1, ny = hi[1] - lo[1] + 1, nz = hi[2] - lo[2] + 1;
+  const int z0 = lo[2] + SLAB * static_cast<int>(blockIdx.y);
+  if (z0 > hi[2]) return;
+  const int64_t nx = hi[0] - lo[0] + 1, ny = hi[1] - lo[1] + 1, nz = min(hi[2], z0 + SLAB - 1) - z0 + 1;
   const int64_t total = nx * ny * nz;
   for (int64_t v = threadIdx.x; v < total; v += THREADS) {
     const int x = lo[0] + static_cast<int>(v % nx);
     const int y = lo[1] + static_cast<int>((v / nx) % ny);
-    const int z = lo[2] + static_cast<int>(v / (nx * ny));
+    const int z = z0 + static_cast<int>(v / (nx * ny));
     const float val = voxel_eval(vg, static_cast<float>(x) - vg.c[0], static_cast<float>(y) - vg.c[1],
                                  static_cast<float>(z) - vg.c[2], k2);
     if (val != 0.f) atomicAdd(volume + (static_cast<int64_t>(z) * D + y) * D + x, val);
@@ -53,7 +58,8 @@ __global__ void __launch_bounds__(THREADS)
 void launch_voxelize_fwd(int64_t N, int D, float pixel_size, float cutoff, const float* means, const float* quats,
                          const float* scales, const float* amplitudes, float* volume, cudaStream_t stream) {
   if (N == 0) return;
-  voxelize_fwd_kernel<<<static_cast<unsigned int>(N), THREADS, 0, stream>>>(
+  const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>((D + SLAB - 1) / SLAB));
+  voxelize_fwd_kernel<<<grid, THREADS, 0, stream>>>(
       D, pixel_size, static_cast<float>(D / 2), cutoff * cutoff, cutoff, means, quats, scales, amplitudes, volume);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -57,13 +57,16 @@ def guard_cutoff(params, box_size, pixel_size, cutoff, *, tol, gen, rounds=60):
     """
     means, quats, scales, amps, rot, shifts = params
     scales = scales.clone()
+    bad = torch.arange(means.shape[0])  # only resized Gaussians need checking again
     for _ in range(rounds):
-        bad = cutoff_margins((means, quats, scales, amps, rot, shifts), box_size, pixel_size, cutoff) < tol
-        if not bad.any():
+        sub = (means[bad], quats[bad], scales[bad], amps[bad], rot, shifts)
+        bad = bad[cutoff_margins(sub, box_size, pixel_size, cutoff) < tol]
+        if not bad.numel():
             return means, quats, scales, amps, rot, shifts
-        jitter = 1 + 0.05 * (2 * torch.rand(int(bad.sum()), 1, generator=gen, dtype=F64) - 1)
+        jitter = 1 + 0.05 * (2 * torch.rand(bad.numel(), 1, generator=gen, dtype=F64) - 1)
         scales[bad] = (scales[bad] * jitter).float().double()
-    keep = ~bad
+    keep = torch.ones(means.shape[0], dtype=torch.bool)
+    keep[bad] = False
     return means[keep], quats[keep], scales[keep], amps[keep], rot, shifts
 
 

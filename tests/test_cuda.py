@@ -150,13 +150,13 @@ def test_binning_matches_reference_exactly(poison, rng):
     m2, cn, w, r, counts = C.preprocess_fwd(*P, D, p, k)
     ref_counts = binning.tile_counts(m2.cpu(), r.cpu(), D, valid=binning.valid_pairs(cn.cpu()))
     assert torch.equal(counts.cpu(), ref_counts)
-    ranges, keys, gids = C.bin_instances(m2, r, counts, D)
+    ranges, keys, gids = C.bin_instances(m2, r, counts, D, int(counts.sum()))
     ref_ranges, ref_keys, ref_gids = binning.bin_reference(m2.cpu(), r.cpu(), D, valid=binning.valid_pairs(cn.cpu()))
     assert torch.equal(keys.cpu().to(torch.int64) & 0xFFFFFFFF, ref_keys)
     assert torch.equal(gids.cpu().to(torch.int64), ref_gids)
     assert torch.equal(ranges.cpu(), ref_ranges)
     # A sub-batch of images bins with image-local keys.
-    ranges2, keys2, gids2 = C.bin_instances(m2[2:4], r[2:4], counts[2:4], D)
+    ranges2, keys2, gids2 = C.bin_instances(m2[2:4], r[2:4], counts[2:4], D, int(counts[2:4].sum()))
     ref2 = binning.bin_reference(m2[2:4].cpu(), r[2:4].cpu(), D, valid=binning.valid_pairs(cn[2:4].cpu()))
     assert torch.equal(ranges2.cpu(), ref2[0]) and torch.equal(gids2.cpu().to(torch.int64), ref2[2])
 

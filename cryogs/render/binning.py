@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-#: Tile side in pixels; must equal ``cryogs._C.TILE_SIZE`` (``TILE_SIZE`` in gaussian_math.cuh).
+#: Tile side in pixels; must equal ``cryogs.render._C.TILE_SIZE`` (``TILE_SIZE`` in gaussian_math.cuh).
 TILE_SIZE = 16
 #: Relative and absolute pad of the cutoff box (``RECT_PAD_REL``, ``RECT_PAD_ABS``), in pixels.
 RECT_PAD_REL = 2.0 ** -10

@@ -1,17 +1,21 @@
-"""The ``cuda`` backend: autograd Functions over the hand-written kernels of ``cryogs._C``.
+"""The ``cuda`` backend: autograd Functions over the hand-written kernels of ``cryogs.render._C``.
 
 Pipeline of :func:`project_cuda` (see ``csrc/`` and the design note):
 
 1. ``preprocess_fwd``: one thread per (image, Gaussian) pair computes the 2D centre, conic, weight,
    radii and the number of tiles the pair covers.
-2. The per-image instance totals are read back once; images are grouped into sub-batches of at most
-   ``max_instances`` instances (an image alone over the budget gets a sub-batch of its own). Images
-   are independent, so the split is exact, and the forward is bitwise identical with or without it.
+2. The per-image instance totals are read back, the one host synchronisation of a forward (it
+   sizes the binning buffers, so CUDA-graph capture would need an upper bound instead); images are
+   grouped into sub-batches of at most ``max_instances`` instances (an image alone over the budget
+   gets a sub-batch of its own). Images are independent, so the split is exact, and the forward is
+   bitwise identical with or without it.
 3. Per sub-batch: ``bin_instances`` (int64 scan, duplicate, CUB radix sort over only the key bits in
-   use, tile ranges) and ``rasterize_fwd`` writing straight into the output slice.
-4. Backward: ``rasterize_bwd`` (stage A, reusing the forward's binning when there was one sub-batch)
+   use, tile ranges), given the sub-batch's instance count rather than reading it back again, and
+   ``rasterize_fwd`` writing straight into the output slice.
+4. Backward: ``rasterize_bwd`` (stage A, reusing the forward's binning when there was one sub-batch,
+   binning again with the saved counts otherwise: no host synchronisation)
    into per-pair 2D gradients, then ``preprocess_bwd`` (stage B: per-Gaussian and per-image
-   reductions, no global atomics).
+   reductions, no global atomics, each only if its parameters need gradients).
 
 The kernels compute in float32; inputs of other floating dtypes are cast (differentiably) and the
 result is returned in the dtype of ``means``.
@@ -32,6 +36,11 @@ from .reference import voxelize_splat
 #: buffered for the sort) plus the sort's scratch: 2^27 instances is about 2.2 GB.
 MAX_INSTANCES = 1 << 27
 
+#: The ops module the backend runs on; None means the compiled ``cryogs.render._C``. The tests marked
+#: ``emulated`` set it to ``cryogs_emu`` (tests/emu_build.py): the same kernels and host wrappers
+#: built to run on CPU threads, whose tensors are CPU tensors (its ``DEVICE_TYPE``).
+ops = None
+
 #: Statistics of the last :func:`project_cuda` forward: total ``instances`` and number of ``batches``.
 last_stats: dict = {"instances": 0, "batches": 0}
 
@@ -51,22 +60,27 @@ def plan_batches(per_image: list[int], max_instances: int, max_images: int) -> l
     return batches
 
 
+def _ops():
+    return _extension.module() if ops is None else ops
+
+
 class _ProjectCUDA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, amplitudes, rotations, shifts, box_size: int, pixel_size: float,
                 cutoff: float, max_instances: int):
-        C = _extension.module()
+        C = _ops()
         means2d, conics, weights, radii, counts = C.preprocess_fwd(means, quats, scales, amplitudes, rotations, shifts,
                                                                    box_size, pixel_size, cutoff)
         B = rotations.shape[0]
         T = tiles_per_side(box_size, C.TILE_SIZE) ** 2
-        per_image = counts.sum(1, dtype=torch.int64).tolist() if B else []
-        batches = plan_batches(per_image, max_instances, max(1, (2 ** 31 - 1) // T))
+        per_image = counts.sum(1, dtype=torch.int64).tolist() if B else []  # the host read-back
+        batches = [(b0, b1, sum(per_image[b0:b1]))
+                   for b0, b1 in plan_batches(per_image, max_instances, max(1, (2 ** 31 - 1) // T))]
         last_stats.update(instances=int(sum(per_image)), batches=len(batches))
         out = means.new_empty(B, box_size, box_size)
         saved_bins = None
-        for b0, b1 in batches:
-            ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size)
+        for b0, b1, M in batches:
+            ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size, M)
             del _keys
             C.rasterize_fwd(means2d[b0:b1], conics[b0:b1], weights[b0:b1], ranges, gids, box_size, cutoff,
                             out[b0:b1])
@@ -81,26 +95,26 @@ class _ProjectCUDA(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, v_out):
-        C = _extension.module()
+        C = _ops()
         means, quats, scales, amplitudes, rotations, means2d, conics, weights, radii, counts = ctx.saved_tensors
         box_size, pixel_size, cutoff = ctx.geometry
         v_out = v_out.contiguous().float()
         v_means2d = torch.zeros_like(means2d)
         v_conics = torch.zeros_like(conics)
         v_weights = torch.zeros_like(weights)
-        for b0, b1 in ctx.batches:
+        for b0, b1, M in ctx.batches:
             if ctx.bins is not None:
                 ranges, gids = ctx.bins
             else:
-                ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size)
+                ranges, _keys, gids = C.bin_instances(means2d[b0:b1], radii[b0:b1], counts[b0:b1], box_size, M)
                 del _keys
             C.rasterize_bwd(means2d[b0:b1], conics[b0:b1], weights[b0:b1], radii[b0:b1], ranges, gids,
                             v_out[b0:b1], box_size, cutoff, v_means2d[b0:b1], v_conics[b0:b1], v_weights[b0:b1])
         ctx.bins = None
         need = ctx.needs_input_grad
-        pose = bool(need[4] or need[5])
+        pose, gauss = bool(need[4] or need[5]), any(need[:4])
         v_means, v_quats, v_scales, v_amps, v_rot, v_shifts = C.preprocess_bwd(
-            means, quats, scales, amplitudes, rotations, v_means2d, v_conics, v_weights, pixel_size, pose)
+            means, quats, scales, amplitudes, rotations, v_means2d, v_conics, v_weights, pixel_size, pose, gauss)
         return (v_means if need[0] else None, v_quats if need[1] else None, v_scales if need[2] else None,
                 v_amps if need[3] else None, v_rot if need[4] else None, v_shifts if need[5] else None,
                 None, None, None, None)
@@ -111,11 +125,12 @@ def _as_f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_floating(**tensors):
+    device = "cuda" if ops is None else ops.DEVICE_TYPE
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise CryogsError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device.type != "cuda":
-            raise CryogsError(f"the cuda backend needs CUDA tensors; {name} is on {t.device}")
+        if t.device.type != device:
+            raise CryogsError(f"the cuda backend needs {device.upper()} tensors; {name} is on {t.device}")
 
 
 def project_cuda(means, quats, scales, amplitudes, rotations, shifts, *, box_size: int, pixel_size: float,
@@ -152,7 +167,7 @@ def voxelize_cuda(means, quats, scales, amplitudes, *, box_size: int, pixel_size
         return voxelize_splat(means, covariance_3d(quats, scales), amplitudes, box_size=box_size,
                               pixel_size=pixel_size, cutoff=cutoff)
     _check_floating(means=means, quats=quats, scales=scales, amplitudes=amplitudes)
-    C = _extension.module()
+    C = _ops()
     vol = C.voxelize_fwd(_as_f32(means), _as_f32(quats), _as_f32(scales), _as_f32(amplitudes), int(box_size),
                          float(pixel_size), float(cutoff))
     return vol if means.dtype == torch.float32 else vol.to(means.dtype)
