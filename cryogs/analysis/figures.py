@@ -16,9 +16,11 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
-def plot_loss(path, steps_per_epoch: int, losses, noise_floor: float | None = None) -> None:
-    """Per-step training loss on a log axis, with a per-epoch running mean and, when known, the noise
-    floor: the loss of a perfect model, below which only overfitting goes.
+def plot_loss(path, steps_per_epoch: int, losses, noise_floor: float | None = None,
+              heldout: list[tuple[int, float]] | None = None) -> None:
+    """Per-step training loss on a log axis, with a per-epoch running mean, the held-out particles'
+    loss after each epoch (``(epoch, loss)``, which the stopping rule watches) and, when known, the
+    noise floor: the loss of a perfect model, below which only overfitting goes.
 
     The loss is the data term per image in units of the images' variance: Σ pixels (data − model)²
     over D²·var(images) (whitened first with the coloured noise model), so an empty model scores
@@ -31,6 +33,8 @@ def plot_loss(path, steps_per_epoch: int, losses, noise_floor: float | None = No
     if len(losses) >= steps_per_epoch > 1:
         kernel = np.ones(steps_per_epoch) / steps_per_epoch
         ax.plot(epochs[steps_per_epoch - 1:], np.convolve(losses, kernel, mode="valid"), lw=1.5, label="epoch mean")
+    if heldout:
+        ax.plot(*zip(*heldout), "o-", ms=3, lw=1, color="tab:red", label="held-out particles")
     if noise_floor is not None and noise_floor > 0:
         ax.axhline(noise_floor, color="black", ls="--", lw=1, label=f"noise floor ({noise_floor:.3g})")
     ax.set_yscale("log")

@@ -49,9 +49,13 @@ class EpochSampler(Sampler):
     :meth:`set_epoch` before each epoch (and with ``start_batch`` when resuming from a checkpoint
     that recorded how many batches of the epoch were consumed; with a prefetching loader only the
     consumer knows that count).
+
+    The epochs cover particles ``0..n-1``, or only those of ``population`` when given (a fit that
+    holds some particles out); :meth:`set_population` changes it from the next epoch on.
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 population: np.ndarray | None = None):
         if n < 1 or batch_size < 1:
             raise ValueError(f"need n ≥ 1 and batch_size ≥ 1, got n={n}, batch_size={batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -60,11 +64,25 @@ class EpochSampler(Sampler):
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch, self.start_batch = 0, 0
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), computed once per epoch
+        self.population: np.ndarray | None = None
+        self.set_population(population)
+
+    def set_population(self, population: np.ndarray | None) -> None:
+        """The particles the epochs cover: all ``n`` (None) or these indices."""
+        self.population = None if population is None else np.asarray(population, dtype=np.int64)
+        if self.population is not None and len(self.population) < 1:
+            raise ValueError("the population needs at least one particle")
+        self._order = None
+
+    @property
+    def size(self) -> int:
+        """Particles in an epoch."""
+        return self.n if self.population is None else len(self.population)
 
     @property
     def batches_per_epoch(self) -> int:
         """Global batches in a whole epoch."""
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil(self.size / self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate epoch ``epoch`` from its global batch ``start_batch`` (0-based) on."""
@@ -73,10 +91,11 @@ class EpochSampler(Sampler):
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def order(self, epoch: int | None = None) -> np.ndarray:
-        """``[n]`` permutation of the particles for ``epoch`` (default: the current one)."""
+        """The epoch's particles in random order, for ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            self._order = (epoch, perm if self.population is None else self.population[perm])
         return self._order[1]
 
     def global_batch(self, step: int, epoch: int | None = None) -> np.ndarray:

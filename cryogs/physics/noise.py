@@ -186,17 +186,20 @@ def contrast_scales(pred: torch.Tensor, images: torch.Tensor, filt: torch.Tensor
 
 
 def gaussian_nll(pred: torch.Tensor, images: torch.Tensor, filt: torch.Tensor | None = None,
-                 scales: torch.Tensor | None = None) -> torch.Tensor:
+                 scales: torch.Tensor | None = None, *, per_image: bool = False) -> torch.Tensor:
     """Mean over the batch of ``½ Σ_k m(k) |W(k)|² |s·P̂(k) − Î(k)|² / D²``.
 
     This is the negative log-likelihood of stationary Gaussian noise with power ∝ ``1/|W|²``, up to
     an additive constant and the factor ``S̄`` (mean noise power) that :func:`whitening_filter`'s
     normalisation keeps out. With ``filt=None`` (W = 1) it is ``½ Σ_x (s·P − I)²``, evaluated in real
-    space. ``pred``/``images`` are ``[B, D, D]``, ``scales`` ``[B]`` or ``None`` (s = 1).
+    space. ``pred``/``images`` are ``[B, D, D]``, ``scales`` ``[B]`` or ``None`` (s = 1);
+    ``per_image`` gives the ``[B]`` terms instead of their mean.
     """
     resid = pred if scales is None else scales[:, None, None] * pred
     resid = resid - images
     if filt is None:
-        return 0.5 * (resid * resid).sum((-2, -1)).mean()
-    R = torch.fft.rfft2(resid)
-    return 0.5 * (_weights(filt, resid.shape[-1], resid) * (R.real ** 2 + R.imag ** 2)).sum((-2, -1)).mean()
+        terms = 0.5 * (resid * resid).sum((-2, -1))
+    else:
+        R = torch.fft.rfft2(resid)
+        terms = 0.5 * (_weights(filt, resid.shape[-1], resid) * (R.real ** 2 + R.imag ** 2)).sum((-2, -1))
+    return terms if per_image else terms.mean()

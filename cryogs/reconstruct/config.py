@@ -45,6 +45,7 @@ class TrainConfig:
     reg_smooth: float = 0.0  # weight of the squared-gradient smoothness of the voxelized map
     refine_poses: bool = False  # refine every particle's rotation and shift with the Gaussians
     refine_start: float = 0.5  # fraction of the epochs before pose refinement starts
+    early_stop: bool = True  # stop once the held-out loss stops falling (cryogs.reconstruct.convergence)
     lr_rotation: float = 0.5  # degrees per step for pose refinement at the start
     lr_shift: float = 0.0  # Å per step for pose refinement at the start; 0 means "0.2 pixel"
     pose_steps: int = 8  # pose steps per batch while refining (the last one joint with the Gaussians)

@@ -7,6 +7,7 @@ batch), so every rank takes the same optimizer step as one process would on the 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def init(device: str) -> tuple[Group, torch.device]:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # torch asks for it, and a process leaving with gloo's threads alive can abort at exit
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return Group(rank, size, None), dev
 
 

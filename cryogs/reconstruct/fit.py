@@ -32,6 +32,7 @@ from cryogs.render.project import project, resolve_backend, voxelize
 
 from . import checkpoint
 from .config import TrainConfig
+from .convergence import MIN_EPOCHS, HeldOutRule, heldout_indices
 from .distributed import Group
 from .outputs import montage_indices, particle_metrics, write_map_and_model, write_montage, write_refined_star
 from .poses import PoseRefiner, perturb
@@ -48,9 +49,21 @@ def _data_scale(particles: ParticleSet, seed: int, n_sample: int = 256) -> float
     return 1.0 / (0.5 * particles.box_size ** 2 * var)
 
 
+def heldout_for(n_particles: int, config: TrainConfig) -> np.ndarray | None:
+    """The particles a fit holds out for its stopping rule, or None when it runs every epoch (rule
+    off, pose refinement, which needs the whole schedule, or too few particles or epochs)."""
+    if not config.early_stop or config.refine_poses or config.epochs <= MIN_EPOCHS:
+        return None
+    return heldout_indices(n_particles, config.seed)
+
+
 def planned_steps(n_particles: int, config: TrainConfig) -> int:
-    """Optimizer steps of a fit of ``n_particles`` from start to end (what :class:`Report` plans)."""
-    return config.epochs * math.ceil(n_particles / config.batch_size)
+    """Optimizer steps of a fit of ``n_particles`` that runs every epoch (what :class:`Report` plans):
+    with held-out particles, all epochs but the last train without them."""
+    held = heldout_for(n_particles, config)
+    k = 0 if held is None else len(held)
+    return (config.epochs - 1) * math.ceil((n_particles - k) / config.batch_size) + math.ceil(
+        n_particles / config.batch_size)
 
 
 @dataclass
@@ -103,12 +116,18 @@ class Trainer:
         if config.batch_size < self.group.size:
             raise CryogsError(f"--batch-size {config.batch_size} is smaller than the {self.group.size} processes: "
                               "every process needs at least one image per step")
+        # the stopping rule's held-out particles (None: every epoch runs); they join for the last epoch
+        self.heldout = heldout_for(n, config)
+        self.rule = HeldOutRule()
+        self.end_epoch = config.epochs  # moves forward to the annealing epoch once the rule has converged
+        self.stop_reason = f"ran all {config.epochs} epochs"
+        train = None if self.heldout is None else np.setdiff1d(np.arange(n), self.heldout)
         self.sampler = EpochSampler(n, config.batch_size, seed=config.seed, rank=self.group.rank,
-                                    world_size=self.group.size)
-        self.steps_per_epoch = math.ceil(n / config.batch_size)
-        self.total_steps = max(1, config.epochs * self.steps_per_epoch)
-        decay = config.final_lr_fraction ** (1 / self.total_steps)
-        self.lr_factor = lambda step: decay ** step
+                                    world_size=self.group.size, population=train)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = max(1, planned_steps(n, config))
+        self.decay = config.final_lr_fraction ** (1 / self.total_steps)
+        self.anneal: tuple[int, float] | None = None  # (first step, factor per step) of the annealing epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.rotations = torch.as_tensor(particles.rotations, dtype=torch.float32, device=self.device)
         self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=self.device)
@@ -147,6 +166,14 @@ class Trainer:
             self.report = Report(bars=progress, enabled=self.group.is_main)
             self.report.plan(planned_steps(n, config))
 
+    def lr_factor(self, step: int) -> float:
+        """The learning rates' factor at ``step``: an exponential decay to ``final_lr_fraction`` over the
+        planned steps, or, once the fit has converged, over its one annealing epoch."""
+        if self.anneal is None or step <= self.anneal[0]:
+            return self.decay ** step
+        start, rate = self.anneal
+        return self.decay ** start * rate ** (step - start)
+
     def _densify_config(self) -> DensifyConfig:
         # prune centres well outside the particle (its radius from the images, plus a quarter): Adam only
         # shrinks solvent Gaussians slowly, and beyond the particle the data want nothing
@@ -171,7 +198,8 @@ class Trainer:
             "step": self.step_count, "losses": self.losses, "seconds": self.seconds, "config": asdict(self.cfg),
             "density": None if self.density is None else self.density.state_dict(),
             "poses": None if self.poses is None else self.poses.state_dict(), "densify_log": self.densify_log,
-            "visited": self.visited})
+            "visited": self.visited, "rule": self.rule.state_dict(), "anneal": self.anneal,
+            "end_epoch": self.end_epoch, "stop_reason": self.stop_reason})
 
     def resume(self) -> None:
         ck = checkpoint.load(self.checkpoint_path, self.device)
@@ -187,6 +215,10 @@ class Trainer:
         self.epoch, self.batch, self.step_count = ck["epoch"], ck["batch"], ck["step"]
         self.losses, self.seconds, self.densify_log = ck["losses"], ck["seconds"], ck["densify_log"]
         self.visited = ck["visited"]
+        self.rule.load_state_dict(ck["rule"])
+        if ck["anneal"] is not None:  # converged: its end is set; otherwise the configuration's epochs count
+            self.end_epoch, self.stop_reason = ck["end_epoch"], ck["stop_reason"]
+            self._start_annealing(*ck["anneal"])
         checkpoint.restore_rng(ck)
         self.report.skip(self.step_count)
 
@@ -302,13 +334,58 @@ class Trainer:
             for images, idx in self.loader:
                 yield images.to(self.device, non_blocking=True), idx.numpy()
 
+    def heldout_losses(self) -> np.ndarray:
+        """Per-image data loss of the held-out particles under the current model (no gradients), in the
+        units of the training loss; each rank scores its share."""
+        held = self.heldout
+        losses = torch.zeros(len(held), dtype=torch.float64, device=self.device)
+        mine = np.array_split(np.arange(len(held)), self.group.size)[self.group.rank]
+        with torch.no_grad():
+            for pos in np.array_split(mine, max(1, math.ceil(len(mine) / self.cfg.batch_size))):
+                if len(pos) == 0:
+                    continue
+                idx = held[pos]
+                t = torch.as_tensor(idx, device=self.device)
+                images = (self.cache.index_select(0, t) if self.cache is not None
+                          else torch.from_numpy(self.particles.images(idx)).to(self.device))
+                pred = self.render(self.rotations[t], self.shifts[t], particle_ctf(self.particles, idx, device=self.device))
+                scales = contrast_scales(pred, images, self.filter) if self.cfg.contrast else None
+                nll = gaussian_nll(pred, images, self.filter, scales, per_image=True) * self.data_scale
+                losses[torch.as_tensor(pos, device=self.device)] = nll.double()
+        self.group.all_reduce_sum_([losses])
+        return losses.cpu().numpy()
+
+    def _start_annealing(self, start: int, rate: float) -> None:
+        """From step ``start`` on, the learning rates fall by ``rate`` per step, over one epoch of every
+        particle, the held-out ones included."""
+        self.anneal = (start, rate)
+        self.sampler.set_population(None)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+
+    def _check_convergence(self) -> None:
+        """After an epoch: score the held-out particles; once the rule says converged, make the next
+        epoch the last, annealing the learning rates to their final value."""
+        if self.heldout is None or self.anneal is not None:
+            return
+        losses = self.heldout_losses()
+        if self.rule.update(self.epoch, losses) and self.epoch + 1 < self.cfg.epochs:
+            steps = math.ceil(len(self.particles) / self.cfg.batch_size)
+            factor = self.lr_factor(self.step_count)
+            self._start_annealing(self.step_count, (self.cfg.final_lr_fraction / factor) ** (1 / steps))
+            self.report.plan(-(planned_steps(len(self.particles), self.cfg) - self.step_count - steps))
+            self.end_epoch = self.epoch + 1
+            self.stop_reason = f"{self.rule.reason()} after epoch {self.epoch}; one annealing epoch followed"
+            self.report.line(f"{self.label}{self.stop_reason.split(';')[0]}; the next epoch is the last")
+
     def fit(self) -> None:
         n = len(self.particles)
-        while self.epoch < self.cfg.epochs:
+        if self.heldout is not None and not self.rule.history:
+            self.rule.update(0, self.heldout_losses())  # the start's score, for the first epoch's improvement
+        while self.epoch < self.end_epoch:
             self.sampler.set_epoch(self.epoch, start_batch=self.batch)
             t0, done0 = time.perf_counter(), self.batch
             last_save = t0
-            bar = self.report.bar(f"{self.label}epoch {self.epoch + 1}/{self.cfg.epochs}", self.steps_per_epoch,
+            bar = self.report.bar(f"{self.label}epoch {self.epoch + 1}/{self.end_epoch}", self.steps_per_epoch,
                                   self.batch)
             for images, idx in self._batches():
                 loss = self.step(images, idx)
@@ -327,16 +404,18 @@ class Trainer:
                     last_save = now
                     self.save_checkpoint()
             bar.close()
-            if not self.visited.all():
-                raise RuntimeError(f"epoch {self.epoch + 1} ended with {int((~self.visited).sum())} particles unvisited")
+            unvisited = self.sampler.size - int(self.visited.sum())
+            if unvisited:
+                raise RuntimeError(f"epoch {self.epoch + 1} ended with {unvisited} particles unvisited")
             self.visited[:] = False
             now = time.perf_counter()
             self.seconds += now - last_save
             self.epoch, self.batch = self.epoch + 1, 0
-            self.save_checkpoint()
             if not self.group.in_sync(list(self.model.parameters())):
                 raise RuntimeError("the processes' models differ: their updates diverged")
-            self.report.line(f"{self.label}epoch {self.epoch}/{self.cfg.epochs}: mean loss "
+            self._check_convergence()
+            self.save_checkpoint()
+            self.report.line(f"{self.label}epoch {self.epoch}/{self.end_epoch}: mean loss "
                              f"{np.mean(self.losses[-self.steps_per_epoch:]):.5g}, {len(self.model)} Gaussians, "
                              f"{(self.steps_per_epoch - done0) * self.cfg.batch_size / (now - t0):.0f} images/s",
                              eta=True)
@@ -377,7 +456,8 @@ class Trainer:
         volume = self.volume() if volume is None else volume
         write_map_and_model(self.out, volume, self.model, p)
         floor = self.noise_floor()
-        plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses, noise_floor=floor)
+        plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses, noise_floor=floor,
+                  heldout=[(r["epoch"], r["loss"]) for r in self.rule.history])
         idx = montage_indices(len(self.particles))
         rotations, shifts = (x[torch.as_tensor(idx, device=self.device)] for x in self.refined_poses())
         with torch.no_grad():
@@ -385,9 +465,11 @@ class Trainer:
         write_montage(self.out, self.particles, idx, rendered.cpu().numpy())
         if self.poses is not None:
             write_refined_star(self.out / "refined_poses.star", self.particles, *self.refined_poses())
-        n_images = self.cfg.epochs * len(self.particles)
+        n_images = self.step_count * self.cfg.batch_size
         metrics = {**particle_metrics(self.particles), "n_gaussians": len(self.model), "n_gaussians_initial": self.cfg.n_gaussians,
-                   "epochs": self.cfg.epochs, "backend": self.backend, "device": str(self.device),
+                   "epochs": self.epoch, "epochs_planned": self.cfg.epochs, "stop_reason": self.stop_reason,
+                   "heldout_particles": 0 if self.heldout is None else len(self.heldout),
+                   "heldout_loss": self.rule.history, "backend": self.backend, "device": str(self.device),
                    "processes": self.group.size, "final_loss": float(np.mean(self.losses[-self.steps_per_epoch:])),
                    "loss_noise_floor": floor,
                    "train_seconds": self.seconds, "images_per_second": n_images / max(self.seconds, 1e-9),
