@@ -6,6 +6,8 @@ import functools
 
 @functools.lru_cache(maxsize=None)
 def _load():
+    import torch  # noqa: F401  (loads libc10/libtorch, which the extension links against)
+
     try:
         from . import _C  # noqa: F401  (built by setup.py when a CUDA toolkit is found)
     except ImportError as exc:
