@@ -85,12 +85,14 @@ class Trainer:
     sees its share of every global batch, and only its main rank writes files. ``report`` says how far
     the fit is (a run's shared one, whose caller plans the steps; by default its own, with bars
     unless ``progress`` is False); ``label`` (e.g. "half 1: ") prefixes its lines and bars.
+    ``on_epoch``, if given, is called with the trainer after every epoch (benchmarks follow the map with it).
     """
 
     def __init__(self, particles: ParticleSet, config: TrainConfig, out_dir, *, progress: bool = True,
                  initial: GaussianModel | None = None, group: Group | None = None, report: Report | None = None,
-                 label: str = ""):
+                 label: str = "", on_epoch: Callable[[Trainer], None] | None = None):
         self.particles, self.cfg, self.out = particles, config, Path(out_dir)
+        self.on_epoch = on_epoch
         self.group = group or Group()
         self.label = label
         self.device = torch.device(config.device)
@@ -415,6 +417,8 @@ class Trainer:
                 raise RuntimeError("the processes' models differ: their updates diverged")
             self._check_convergence()
             self.save_checkpoint()
+            if self.on_epoch is not None:
+                self.on_epoch(self)
             self.report.line(f"{self.label}epoch {self.epoch}/{self.end_epoch}: mean loss "
                              f"{np.mean(self.losses[-self.steps_per_epoch:]):.5g}, {len(self.model)} Gaussians, "
                              f"{(self.steps_per_epoch - done0) * self.cfg.batch_size / (now - t0):.0f} images/s",
@@ -482,12 +486,13 @@ class Trainer:
 def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume: bool = False,
                  progress: bool = True, command: str | None = None,
                  initial: GaussianModel | Callable[[ParticleSet], GaussianModel] | None = None,
-                 group: Group | None = None, report: Report | None = None, label: str = "") -> Trainer:
+                 group: Group | None = None, report: Report | None = None, label: str = "",
+                 on_epoch: Callable[[Trainer], None] | None = None) -> Trainer:
     """Train from ``initial`` (default: random in a sphere) and checkpoint into ``out_dir``.
 
     ``initial`` may be a function of the particles trained on (e.g. a backprojection of them), called
-    only when the run starts afresh: a checkpoint to resume from replaces the start. ``report`` and
-    ``label`` as for :class:`Trainer`.
+    only when the run starts afresh: a checkpoint to resume from replaces the start. ``report``,
+    ``label`` and ``on_epoch`` as for :class:`Trainer`.
     Returns the finished trainer; call :meth:`Trainer.write_outputs` for the map and figures.
     """
     out = Path(out_dir)
@@ -495,7 +500,7 @@ def run_training(particles: ParticleSet, config: TrainConfig, out_dir, *, resume
     if initial is not None and not isinstance(initial, GaussianModel):  # a function of the particles
         initial = None if resuming else initial(particles)
     trainer = Trainer(particles, config, out, progress=progress, initial=initial, group=group, report=report,
-                      label=label)
+                      label=label, on_epoch=on_epoch)
     if trainer.group.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if resuming:
