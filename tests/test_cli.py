@@ -133,8 +133,9 @@ def test_smoke_real_relion31_particles_downsampled_with_half_maps(tmp_path):
     # the fixture marks all 5 particles rlnRandomSubset 1, so the halves come from a seeded random split
     assert metrics["half_split"].startswith("random split")
     assert sum(metrics["half_sizes"]) == 5
-    for name in ("half1.mrc", "half2.mrc", "map.mrc", "fsc.png", "half1/montage.png"):
+    for name in ("half1.mrc", "half2.mrc", "map.mrc", "slices.png", "fsc.png", "half1/montage.png", "half1/loss.png"):
         assert (tmp_path / "run" / name).exists(), name
+    assert not (tmp_path / "run" / "half1" / "slices.png").exists()  # the average's figures only
     with mrcfile.open(tmp_path / "run" / "map.mrc") as m:
         assert m.data.shape == (32, 32, 32)
         assert m.voxel_size.x == pytest.approx(2.806 * 256 / 32, rel=1e-5)

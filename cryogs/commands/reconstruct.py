@@ -7,8 +7,9 @@ amplitude), loss.png (with the noise floor), montage.png (data, model and residu
 particles), metrics.json, config.json, command.txt (every command line that wrote into DIR),
 run.json (what determines the run, for --resume) and checkpoint.pt (written every
 --checkpoint-every steps and every epoch). With --half-maps: half1.mrc, half2.mrc, map.mrc (their
-average), fsc.png (half-map FSC), half_split.star (each particle's half, as _rlnRandomSubset) and
-metrics.json in DIR, and each half's own outputs in DIR/half1, DIR/half2; with --reference also
+average), slices.png (of the average), fsc.png (half-map FSC), half_split.star (each particle's half, as
+_rlnRandomSubset) and metrics.json in DIR, and each half's own outputs in DIR/half1, DIR/half2 (without
+slices.png and gaussians.png); with --reference also
 the FSC against it (fsc.png, or fsc_reference.png with half maps). With --refine-poses:
 refined_poses.star.
 

@@ -451,14 +451,15 @@ class Trainer:
             weight = weight * self.filter.double().cpu() ** 2
         return float(0.5 * (weight * power).sum() / D ** 2 * self.data_scale)
 
-    def write_outputs(self, extra_metrics: dict | None = None, volume: np.ndarray | None = None) -> dict:
-        """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png``, ``slices.png``,
-        ``gaussians.png``, ``metrics.json`` and, with pose refinement, ``refined_poses.star``.
-        ``volume`` is :meth:`volume`, if the caller has it."""
+    def write_outputs(self, extra_metrics: dict | None = None, volume: np.ndarray | None = None, *,
+                      map_figures: bool = True) -> dict:
+        """``map.mrc``, ``gaussians.{npz,pt,ply}``, ``loss.png``, ``montage.png``, ``metrics.json``,
+        with ``map_figures`` ``slices.png`` and ``gaussians.png``, and, with pose refinement,
+        ``refined_poses.star``. ``volume`` is :meth:`volume`, if the caller has it."""
         self.report.line(f"{self.label}writing the map, the model and the figures")
         p = self.particles.pixel_size
         volume = self.volume() if volume is None else volume
-        write_map_and_model(self.out, volume, self.model, p)
+        write_map_and_model(self.out, volume, self.model, p, figures=map_figures)
         floor = self.noise_floor()
         plot_loss(self.out / "loss.png", self.steps_per_epoch, self.losses, noise_floor=floor,
                   heldout=[(r["epoch"], r["loss"]) for r in self.rule.history])

@@ -78,7 +78,7 @@ def run_half_maps(particles: ParticleSet, config: TrainConfig, out_dir, *, resum
                                label=f"half {k}: ")
         if half_group.is_main:
             vol = trainer.volume()
-            trainer.write_outputs(volume=vol)
+            trainer.write_outputs(volume=vol, map_figures=False)  # the averaged map gets them
             write_mrc(out / f"half{k}.mrc", vol, p)
             results[k] = (vol, trainer.seconds, len(trainer.model))
     group.barrier()  # both halves written before the main rank reads them

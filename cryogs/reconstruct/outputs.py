@@ -17,12 +17,15 @@ from cryogs.io.star import write_star
 from cryogs.model.gaussians import GaussianModel
 
 
-def write_map_and_model(out: Path, volume: np.ndarray, model: GaussianModel, pixel_size: float) -> None:
-    """``map.mrc`` (voxel size set), ``slices.png``, ``gaussians.png`` and ``gaussians.{npz,pt,ply}``."""
+def write_map_and_model(out: Path, volume: np.ndarray, model: GaussianModel, pixel_size: float, *,
+                        figures: bool = True) -> None:
+    """``map.mrc`` (voxel size set), ``gaussians.{npz,pt,ply}`` and, with ``figures``, ``slices.png`` and
+    ``gaussians.png``."""
     write_mrc(out / "map.mrc", volume, pixel_size)
-    plot_slices(out / "slices.png", volume, pixel_size)
-    arrays = model.arrays()
-    plot_gaussians(out / "gaussians.png", arrays["means"], arrays["amplitudes"], volume.shape[-1] * pixel_size)
+    if figures:
+        plot_slices(out / "slices.png", volume, pixel_size)
+        arrays = model.arrays()
+        plot_gaussians(out / "gaussians.png", arrays["means"], arrays["amplitudes"], volume.shape[-1] * pixel_size)
     for ext in ("npz", "pt", "ply"):
         model.save(out / f"gaussians.{ext}")
 
