@@ -47,6 +47,7 @@ VARIANTS = {
     "tv": ["--reg-tv", "1.0"],
     "smooth": ["--reg-smooth", "1.0"],
     "coloured": ["--noise", "coloured", "--contrast"],
+    "fixed-budget": ["--no-early-stop"],  # every planned epoch: what the stopping rule gave up, if anything
     "init-random": ["--init", "random"],  # the default start until the backprojection start beat it
 }
 
@@ -91,11 +92,21 @@ def run_one(method: str, variant: str, data: Path, out: Path, device: str) -> di
 
 
 def _training(out: Path, method: str) -> dict:
-    """Epochs per half model and the start of a cryogs run."""
+    """Epochs each half model ran (of those planned), why it stopped, and the start of a cryogs run."""
     if method != "cryogs":
         return {"epochs": None, "init": None}
     config = json.loads((out / "config.json").read_text())
-    return {"epochs": config["epochs"], "init": config["init"]}
+    halves = [json.loads((out / f"half{k}" / "metrics.json").read_text()) for k in (1, 2)]
+    return {"epochs": [h["epochs"] for h in halves], "epochs_planned": config["epochs"], "init": config["init"],
+            "stop_reasons": [h["stop_reason"] for h in halves]}
+
+
+def _epochs(row: dict) -> str:
+    """``7/8 of 20`` (each half's epochs, of those planned), or the planned count of older rows."""
+    epochs = row.get("epochs")
+    if not isinstance(epochs, list):
+        return str(epochs or "–")
+    return f"{'/'.join(map(str, epochs))} of {row['epochs_planned']}"
 
 
 def _row_order(r: dict) -> tuple:
@@ -109,8 +120,9 @@ def markdown(rows: list[dict], device: str) -> str:
              "|---:|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['n_images']} | {r['snr']:g} | {r['method']} | {r['variant']} | {r.get('init') or '–'} | "
-                     f"{r.get('epochs') or '–'} | "
-                     f"{r['fsc_ref_0.5_angstrom']:.2f} | {r['fsc_half_0.143_angstrom']:.2f} | {r['wall_seconds']:.0f} |")
+                     f"{_epochs(r)} | "
+                     f"{r['fsc_ref_0.5_angstrom']:.2f} | {r['fsc_half_0.143_angstrom']:.2f} | "
+                     f"{r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

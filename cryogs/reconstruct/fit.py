@@ -350,7 +350,8 @@ class Trainer:
                 t = torch.as_tensor(idx, device=self.device)
                 images = (self.cache.index_select(0, t) if self.cache is not None
                           else torch.from_numpy(self.particles.images(idx)).to(self.device))
-                pred = self.render(self.rotations[t], self.shifts[t], particle_ctf(self.particles, idx, device=self.device))
+                ctf = particle_ctf(self.particles, idx, device=self.device)
+                pred = self.render(self.rotations[t], self.shifts[t], ctf)
                 scales = contrast_scales(pred, images, self.filter) if self.cfg.contrast else None
                 nll = gaussian_nll(pred, images, self.filter, scales, per_image=True) * self.data_scale
                 losses[torch.as_tensor(pos, device=self.device)] = nll.double()
@@ -471,7 +472,8 @@ class Trainer:
         if self.poses is not None:
             write_refined_star(self.out / "refined_poses.star", self.particles, *self.refined_poses())
         n_images = self.step_count * self.cfg.batch_size
-        metrics = {**particle_metrics(self.particles), "n_gaussians": len(self.model), "n_gaussians_initial": self.cfg.n_gaussians,
+        metrics = {**particle_metrics(self.particles), "n_gaussians": len(self.model),
+                   "n_gaussians_initial": self.cfg.n_gaussians,
                    "epochs": self.epoch, "epochs_planned": self.cfg.epochs, "stop_reason": self.stop_reason,
                    "heldout_particles": 0 if self.heldout is None else len(self.heldout),
                    "heldout_loss": self.rule.history, "backend": self.backend, "device": str(self.device),
