@@ -39,22 +39,30 @@ def _losses(mean, noise, n, gen):
     return mean + noise * torch.randn(n, generator=gen, dtype=torch.float64).numpy()
 
 
-def test_rule_waits_for_patience_epochs_without_a_significant_improvement(rng):
-    """Exact: each epoch's losses are the previous ones shifted by a chosen amount, so the improvement's
-    standard error is 0 where the shift is uniform, and known where noise is added."""
+def test_rule_stops_when_the_loss_over_span_epochs_no_longer_falls_significantly(rng):
+    """Exact: per-image losses fall by ``f`` per epoch on top of a fixed noise vector ``v`` whose sign
+    alternates, so every paired change has standard error ``2σ/√n``: one epoch's fall is 1.5 SE (a
+    rule on single epochs would stop), three epochs' fall 4.5 SE. The rule waits; once the loss is
+    flat from epoch 6 on, the fall over the last three epochs is 3 SE after epoch 7 and 1.5 after 8.
+    (Before epoch 3 the fall is counted from the start, epoch 0.)"""
+    assert convergence.SPAN == 3 and convergence.Z == 2 and convergence.MIN_EPOCHS <= 4
+    n, sigma = 200, 1e-3
+    v = torch.randn(n, generator=rng, dtype=torch.float64).numpy()
+    v = (v - v.mean()) / v.std(ddof=1)
+    base = _losses(1.0, 0.1, n, rng)
+    se = 2 * sigma / math.sqrt(n)
+    f = 1.5 * se
+
+    def losses(e):
+        return base - min(e, 6) * f + (-1) ** e * sigma * v
+
     rule = HeldOutRule()
-    base = _losses(1.0, 0.1, 200, rng)
-    assert not rule.update(0, base)
-    assert not rule.update(1, base - 0.01)  # a uniform fall: infinitely significant
-    h = base - 0.01
-    change = 1e-3 * torch.randn(200, generator=rng, dtype=torch.float64).numpy()
-    change -= change.mean()  # zero mean improvement: not significant, whatever its spread
-    assert not rule.update(2, h + change)  # quiet 1 of 2
-    assert rule.history[-1]["improvement"] == pytest.approx(0.0, abs=1e-15)
-    assert not rule.update(3, h - 0.02)  # a real fall again resets the count
-    assert not rule.update(4, h - 0.02 + change)
-    assert rule.update(5, h - 0.02 - change)  # two quiet epochs in a row, past MIN_EPOCHS
-    assert "converged" in rule.reason()
+    stops = [rule.update(e, losses(e)) for e in range(9)]
+    assert stops == [False] * 8 + [True]
+    z = [r["improvement"] / r["standard_error"] for r in rule.history[1:]]
+    assert z[1] > 1e6  # epoch 2 against the start: the noise cancels, 2f with no standard error
+    np.testing.assert_allclose(z[:1] + z[2:], [1.5, 4.5, 4.5, 4.5, 4.5, 3.0, 1.5], rtol=1e-9)
+    assert "converged" in rule.reason() and "3 epochs" in rule.reason()
 
 
 def test_rule_never_stops_before_min_epochs():
