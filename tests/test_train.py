@@ -266,3 +266,19 @@ def test_particle_extent_from_ctf_modulated_noisy_images(tmp_path, rng, defocus)
     assert abs(radius - expected) <= 3 * apix + 1e-6, (radius, expected)
     ctf0 = 1.0 if defocus is None else 0.1  # the amplitude contrast
     assert abs(mass - float(amps.sum())) <= 4 * stack.noise_sigma * box / math.sqrt(n * ctf0 ** 2), mass
+
+
+def test_particle_extent_averages_every_image_up_to_the_sample_in_any_chunks(tmp_path, rng, monkeypatch):
+    """Exact: the least-squares mean image is the same sum however the images are chunked; with no
+    more images than the sample, all are used (the seed changes nothing), with more a seeded choice."""
+    from cryogs.reconstruct import config
+
+    from test_resume import tiny_dataset
+
+    particles = load_particles(tiny_dataset(tmp_path, rng, n_particles=100)["star"])
+    whole = config.estimate_extent(particles, seed=0)
+    assert config.estimate_extent(particles, seed=1) == whole
+    monkeypatch.setattr(config, "EXTENT_CHUNK", 7)
+    np.testing.assert_allclose(config.estimate_extent(particles, seed=0), whole, rtol=1e-12)
+    sampled = [config.estimate_extent(particles, n_sample=30, seed=s) for s in (0, 0, 1)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and sampled[0] != whole

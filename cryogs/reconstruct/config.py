@@ -57,7 +57,11 @@ class TrainConfig:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) -> tuple[float, float]:
+#: Images :func:`estimate_extent` averages (all, up to this many), in chunks of EXTENT_CHUNK.
+EXTENT_SAMPLE, EXTENT_CHUNK = 1024, 256
+
+
+def estimate_extent(particles: ParticleSet, n_sample: int = EXTENT_SAMPLE, seed: int = 0) -> tuple[float, float]:
     """``(radius Å, total mass)`` of the particle from a sample of images.
 
     The mean of randomly oriented projections is nearly round. It is estimated by least squares over
@@ -68,20 +72,30 @@ def estimate_extent(particles: ParticleSet, n_sample: int = 256, seed: int = 0) 
     Frequencies every sampled CTF nearly nulls (one shared defocus) are dropped. The mass is the
     estimate's zero frequency; the radius holding 95 % of its mass above the rim's level, enlarged by
     10 %, bounds the particle.
+
+    The sample is every image up to ``n_sample`` (a seeded random choice beyond): at SNR 0.01 the
+    radius from 256 of 1,000 images varied by 15 % with the choice (28–33 Å for adenylate kinase,
+    so the default Gaussian count, ∝ radius³, by 50 %), from all 1,000 by 3 % (28.4–29.2 Å; 28.5–29.5
+    at SNR 1).
     """
     rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(particles), size=min(n_sample, len(particles)), replace=False))
-    images = torch.from_numpy(particles.images(idx)).double()
+    n = len(particles)
+    idx = np.arange(n) if n <= n_sample else np.sort(rng.choice(n, size=n_sample, replace=False))
     D, p = particles.box_size, particles.pixel_size
-    spectrum = torch.fft.rfft2(images)
-    ctf = particle_ctf(particles, idx)
-    if ctf is None:
-        spectrum = spectrum.mean(0)
-    else:
-        ctf = ctf.double()
-        weight = (ctf * ctf).sum(0)
-        kept = weight > 1e-3 * weight.max()
-        spectrum = torch.where(kept, (spectrum * ctf).sum(0) / weight.clamp_min(1e-30), 0)
+    numerator = torch.zeros((D, D // 2 + 1), dtype=torch.complex128)
+    weight = torch.zeros((D, D // 2 + 1), dtype=torch.float64)
+    for chunk in np.array_split(idx, max(1, -(-len(idx) // EXTENT_CHUNK))):
+        spectrum = torch.fft.rfft2(torch.from_numpy(particles.images(chunk)).double())
+        ctf = particle_ctf(particles, chunk)
+        if ctf is None:
+            numerator += spectrum.sum(0)
+            weight += len(chunk)
+        else:
+            ctf = ctf.double()
+            numerator += (spectrum * ctf).sum(0)
+            weight += (ctf * ctf).sum(0)
+    kept = weight > 1e-3 * weight.max()
+    spectrum = torch.where(kept, numerator / weight.clamp_min(1e-30), 0)
     mean = torch.fft.irfft2(spectrum, s=(D, D)).numpy()
     total = float(mean.sum())
     if not total > 0:
