@@ -221,6 +221,8 @@ def test_one_name_per_concept():
                                                                       "demo"}
     parser = build_parser()
     assert parser.parse_args(["simulate", "m.pdb", "--out", "o", "--apix", "3"]).pixel_size == 3.0
+    computing = {c for c in COMMANDS if "--device" in _options(c)}  # the long-running commands
+    assert "simulate" in computing and all("--no-progress" in _options(c) for c in computing)
 
 
 def test_montage_titles_count_particles_and_images_from_one(runs):

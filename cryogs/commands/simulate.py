@@ -23,6 +23,7 @@ from cryogs.commands._options import (
     add_compute_args,
     add_output_args,
     add_pixel_size_arg,
+    add_progress_arg,
     non_negative_float,
     positive_float,
     positive_int,
@@ -45,6 +46,7 @@ def add_args(parser):
                         help="apply a CTF with defocus U uniform in [MIN, MAX] Å (RELION sign, 300 kV, Cs 2.7 mm, "
                              "amplitude contrast 0.1, up to 300 Å astigmatism); default: no CTF")
     parser.add_argument("--seed", type=int, default=0, help="random seed for poses, CTF and noise (default: 0)")
+    add_progress_arg(parser)
     add_compute_args(parser)
 
 
@@ -63,7 +65,7 @@ def main(args):
     with folder.claimed():
         stack = simulate_stack(model, args.particles, box_size=args.box, pixel_size=args.pixel_size, snr=args.snr,
                                max_shift=args.max_shift, seed=args.seed, device=args.device, backend=args.backend,
-                               progress=sys.stderr.isatty(), ctf=ctf)
+                               progress=not args.no_progress and sys.stderr.isatty(), ctf=ctf)
         files = write_dataset(args.out, model, stack, box_size=args.box, pixel_size=args.pixel_size)
         folder.finish()
     print(f"wrote {args.particles} particles ({args.box} px, {args.pixel_size} Å/px, noise σ = "
