@@ -9,7 +9,7 @@ Writes JSON (one row per configuration and backend) and a Markdown table.
 Examples:
   python benchmarks/bench_project.py --out benchmarks/results/cpu.json
   python benchmarks/bench_project.py --device cuda --grid gpu --out benchmarks/results/h100.json
-  python benchmarks/bench_project.py --configs 32x64x2000 --backends torch,dense
+  python benchmarks/bench_project.py --configs 32x64x2000 --backends cpu,torch
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def _useful_evaluations(means2d, conics, radii, D, cutoff, chunk=1 << 20) -> int
 
 def _evaluations(backend, params, B, D, N, p):
     """``(performed, useful, instances)``: Gaussian-pixel evaluations the backend performs, those inside
-    the image and the cutoff ellipse (the rest is waste), and the instance count (CUDA tiles)."""
+    the image and the cutoff ellipse (the rest is waste), and the instance count (CUDA tiles). The
+    ``cpu`` backend evaluates each row of a pair's pixel box in whole vectors of 8 pixels."""
     import torch
 
     from cryogs.render.gaussian_math import CUTOFF_SIGMA, preprocess
@@ -86,6 +87,14 @@ def _evaluations(backend, params, B, D, N, p):
     if backend == "torch":
         half = torch.ceil(radii.amax(-1)).clamp(max=D - 1)
         return int(((2 * half + 1) ** 2)[(radii > 0).all(-1)].sum()), useful, None
+    if backend == "cpu":  # each row of the pixel box inside the image, in whole vectors of 8 pixels
+        from cryogs.render.binning import pixel_spans, valid_pairs
+
+        lo, hi, nonempty = pixel_spans(means2d, radii, D)
+        keep = nonempty & valid_pairs(conics)
+        rows = (hi[..., 1] - lo[..., 1] + 1)[keep]
+        cols = ((hi[..., 0] - lo[..., 0]) // 8 + 1)[keep] * 8
+        return int((rows * cols).sum()), useful, None
     from cryogs.render.binning import TILE_SIZE, tile_counts, valid_pairs
 
     instances = int(tile_counts(means2d, radii, D, valid=valid_pairs(conics)).sum())
@@ -192,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--grid", choices=sorted(GRIDS), default=None, help="named grid (default: cpu, or gpu on cuda)")
     ap.add_argument("--configs", default=None, help="comma-separated BxDxN configurations, overriding --grid")
     ap.add_argument("--backends", default=None,
-                    help="comma-separated backends (default: torch,dense on CPU; cuda,torch on a GPU)")
+                    help="comma-separated backends (default: cpu,torch,dense on CPU; cuda,torch on a GPU)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default: 2)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"), help="JSON output path")
@@ -206,7 +215,7 @@ def main(argv=None):
         return
     cuda = args.device.startswith("cuda")
     configs = args.configs.split(",") if args.configs else GRIDS[args.grid or ("gpu" if cuda else "cpu")]
-    backends = (args.backends or ("cuda,torch" if cuda else "torch,dense")).split(",")
+    backends = (args.backends or ("cuda,torch" if cuda else "cpu,torch,dense")).split(",")
     rows = []
     for cfg in configs:
         for backend in backends:

@@ -67,7 +67,8 @@ template <typename T>
 inline T eval_scaled_vec(const ScaledConic<T>& s, T dx, T dy, T k2s, bool in_box) {
   const T qs = scaled_q(s, dx, dy);
   const T e = exp2_vec(-qs);
-  return (qs <= k2s && in_box) ? e : T(0);
+  const bool keep = (qs <= k2s) & in_box;  // no short-circuit: no branch in the vector loop
+  return keep ? e : T(0);
 }
 
 }  // namespace cryogs

@@ -34,7 +34,7 @@ __attribute__((always_inline)) inline void voxel_plane_impl(int64_t N, int D, in
   for (int64_t g = 0; g < N; ++g) {
     const VoxelBox<T>& bx = boxes[g];
     if (bx.lo[0] > bx.hi[0] || z < bx.lo[2] || z > bx.hi[2]) continue;
-    const VoxelGauss<T>& vg = bx.vg;
+    const VoxelGauss<T> vg = bx.vg;  // a local copy: its fields stay in registers
     const int x0 = bx.lo[0], x1 = bx.hi[0];
     const int nx = ((x1 - x0) / W + 1) * W;
     const T dz = static_cast<T>(z) - vg.c[2];
@@ -47,7 +47,8 @@ __attribute__((always_inline)) inline void voxel_plane_impl(int64_t N, int D, in
         const T q = voxel_q(vg, static_cast<T>(x) - vg.c[0], dy, dz);
         // voxel_eval with exp(-q/2) = exp2(-q log2(e) / 2), vectorisable
         const T e = exp2_vec(-q * T(HALF_LOG2E));
-        row[j] += (q <= k2 && x <= x1) ? vg.dens * e : T(0);
+        const bool keep = (q <= k2) & (x <= x1);  // no short-circuit: no branch
+        row[j] += keep ? vg.dens * e : T(0);
       }
     }
   }
