@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     try:
-        from . import _C  # noqa: F401  (built by setup.py when torch and a C++ compiler are found)
+        from . import _C  # built by setup.py when torch and a C++ compiler are found
     except ImportError as exc:
         reason = str(exc)
         if "No module named" in reason or "cannot import name '_C'" in reason:

@@ -74,7 +74,7 @@ def project_cpu(means, quats, scales, amplitudes, rotations, shifts, *, box_size
     ``shifts`` may be None (no shift). Same signature and semantics as
     :func:`cryogs.render.cuda.project_cuda` (without its sub-batching budget).
     """
-    named = dict(means=means, quats=quats, scales=scales, amplitudes=amplitudes, rotations=rotations)
+    named = {"means": means, "quats": quats, "scales": scales, "amplitudes": amplitudes, "rotations": rotations}
     if shifts is not None:
         named["shifts"] = shifts
     _check(**named)
