@@ -12,7 +12,8 @@
 //      The inner loop runs over whole vectors of W pixels of one box row, masked to the box, into
 //      a slab buffer whose rows are padded by W columns: no scalar remainder, no branch per pixel.
 // Backward, cpu_project_bwd (bitwise deterministic: no atomics, every sum in a fixed order):
-//   A. per pair (parallel): the six PixelMoments of dL/dI over its box, then finalize_moments ->
+//   A. per pair (parallel): the six PixelMoments of dL/dI over its box (kept per vector lane), then
+//      finalize_moments ->
 //      v_u, v_conic, v_w, written to the pair's own slot of a [B, N, 6] buffer;
 //   B. per Gaussian (parallel over g, images in order) and per image (parallel over b, Gaussians in
 //      order): the reductions of the CUDA stage-B kernels (pair_backward_cov, projected_factor_vjp,
@@ -43,18 +44,18 @@ inline int vector_span(int x0, int x1) { return ((x1 - x0) / W + 1) * W; }
 
 // ---- step 1 and 2: preprocess ---------------------------------------------------------------------
 template <typename T>
-void preprocess_pairs(int64_t B, int64_t N, int D, T p, T cutoff,
-                      const Gaussian<T>* gauss,  // [N] R, L per Gaussian
-                      const T* amplitudes,       // [N]
-                      const T* rotations,        // [B, 3, 3]
-                      const T* shifts,           // [B, 2]
-                      T* means2d,                // [B, N, 2] out
-                      T* conics,                 // [B, N, 3] out
-                      T* weights,                // [B, N]    out
-                      int32_t* rects) {          // [B, N, 4] out: x0, x1, y0, y1 (inclusive pixels)
+__attribute__((always_inline)) inline void preprocess_range_impl(
+    int64_t i0, int64_t i1, int64_t N, int D, T p, T cutoff,
+    const Gaussian<T>* __restrict__ gauss,  // [N] R, L per Gaussian
+    const T* __restrict__ amplitudes,       // [N]
+    const T* __restrict__ rotations,        // [B, 3, 3]
+    const T* __restrict__ shifts,           // [B, 2]
+    T* __restrict__ means2d,                // [B, N, 2] out
+    T* __restrict__ conics,                 // [B, N, 3] out
+    T* __restrict__ weights,                // [B, N]    out
+    int32_t* __restrict__ rects) {          // [B, N, 4] out: x0, x1, y0, y1 (inclusive pixels)
   const T c0 = static_cast<T>(D / 2);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < B * N; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int64_t b = i / N, g = i % N;
     const Gaussian<T>& G = gauss[g];
     const PairFwd<T> f = pair_forward(rotations + 9 * b, shifts + 2 * b, G.mu, G.L, amplitudes[g], p, c0, cutoff);
@@ -70,6 +71,34 @@ void preprocess_pairs(int64_t B, int64_t N, int D, T p, T cutoff,
     rects[4 * i + 1] = r.x1;
     rects[4 * i + 2] = r.y0;
     rects[4 * i + 3] = r.y1;
+  }
+}
+
+CRYOGS_CPU_CLONES void preprocess_range(int64_t i0, int64_t i1, int64_t N, int D, float p, float cutoff,
+                                        const Gaussian<float>* gauss, const float* amplitudes,
+                                        const float* rotations, const float* shifts, float* means2d, float* conics,
+                                        float* weights, int32_t* rects) {
+  preprocess_range_impl<float>(i0, i1, N, D, p, cutoff, gauss, amplitudes, rotations, shifts, means2d, conics,
+                               weights, rects);
+}
+
+void preprocess_range(int64_t i0, int64_t i1, int64_t N, int D, double p, double cutoff,
+                      const Gaussian<double>* gauss, const double* amplitudes, const double* rotations,
+                      const double* shifts, double* means2d, double* conics, double* weights, int32_t* rects) {
+  preprocess_range_impl<double>(i0, i1, N, D, p, cutoff, gauss, amplitudes, rotations, shifts, means2d, conics,
+                                weights, rects);
+}
+
+// Step 2 over all pairs i = b*N + g, in chunks of consecutive pairs.
+template <typename T>
+void preprocess_pairs(int64_t B, int64_t N, int D, T p, T cutoff, const Gaussian<T>* gauss, const T* amplitudes,
+                      const T* rotations, const T* shifts, T* means2d, T* conics, T* weights, int32_t* rects) {
+  const int64_t pairs = B * N;
+  constexpr int64_t CHUNK = 1024;
+#pragma omp parallel for schedule(static)
+  for (int64_t i0 = 0; i0 < pairs; i0 += CHUNK) {
+    preprocess_range(i0, std::min(pairs, i0 + CHUNK), N, D, p, cutoff, gauss, amplitudes, rotations, shifts, means2d,
+                     conics, weights, rects);
   }
 }
 
@@ -182,30 +211,37 @@ __attribute__((always_inline)) inline void pair_grads_impl(int64_t i0, int64_t i
     const T ux = means2d[2 * i], uy = means2d[2 * i + 1];
     const T* v_img = v_padded + (i / N) * D * static_cast<int64_t>(Dp);
     const int nx = vector_span(x0, x1);
-    PixelMoments<T> mo;
-    mo.zero();
+    // PixelMoments::add, kept per vector lane over the whole box (one register per moment, no
+    // horizontal sum per row), then the lanes summed in a fixed order.
+    T s0[W] = {}, sx[W] = {}, sy[W] = {}, sxx[W] = {}, sxy[W] = {}, syy[W] = {};
     for (int y = y0; y <= y1; ++y) {
       const T dy = static_cast<T>(y) - uy;
       const T* __restrict__ row = v_img + static_cast<int64_t>(y) * Dp + x0;
-      // Along a row dy is constant, so PixelMoments::add summed over the row needs only
-      // r0 = sum G e, r1 = sum G e dx and r2 = sum G e dx^2.
-      T r0 = T(0), r1 = T(0), r2 = T(0);
-#pragma omp simd reduction(+ : r0, r1, r2)
-      for (int j = 0; j < nx; ++j) {
-        const int x = x0 + j;
-        const T dx = static_cast<T>(x) - ux;
-        const T ge = row[j] * eval_scaled_vec(sc, dx, dy, k2s, x <= x1);
-        const T gx = ge * dx;
-        r0 += ge;
-        r1 += gx;
-        r2 += gx * dx;
+      for (int c = 0; c < nx; c += W) {
+#pragma omp simd
+        for (int l = 0; l < W; ++l) {
+          const int x = x0 + c + l;
+          const T dx = static_cast<T>(x) - ux;
+          const T ge = row[c + l] * eval_scaled_vec(sc, dx, dy, k2s, x <= x1);
+          const T gx = ge * dx, gy = ge * dy;
+          s0[l] += ge;
+          sx[l] += gx;
+          sy[l] += gy;
+          sxx[l] += gx * dx;
+          sxy[l] += gx * dy;
+          syy[l] += gy * dy;
+        }
       }
-      mo.s0 += r0;
-      mo.sx += r1;
-      mo.sy += r0 * dy;
-      mo.sxx += r2;
-      mo.sxy += r1 * dy;
-      mo.syy += r0 * dy * dy;
+    }
+    PixelMoments<T> mo;
+    mo.zero();
+    for (int l = 0; l < W; ++l) {
+      mo.s0 += s0[l];
+      mo.sx += sx[l];
+      mo.sy += sy[l];
+      mo.sxx += sxx[l];
+      mo.sxy += sxy[l];
+      mo.syy += syy[l];
     }
     T v_u[2], v_c[3], v_w;
     finalize_moments(mo, conic, weights[i], v_u, v_c, v_w);
