@@ -11,6 +11,8 @@
 //      rasterizer (ascending g within a tile) whatever the slab split or the number of threads.
 //      The inner loop runs over whole vectors of W pixels of one box row, masked to the box, into
 //      a slab buffer whose rows are padded by W columns: no scalar remainder, no branch per pixel.
+// Loops hand out work dynamically (chunks of pairs, slabs, Gaussians, images): on a shared machine a
+// thread that loses its core then delays the others less.
 // Backward, cpu_project_bwd (bitwise deterministic: no atomics, every sum in a fixed order):
 //   A. per pair (parallel): the six PixelMoments of dL/dI over its box (kept per vector lane), then
 //      finalize_moments ->
@@ -95,7 +97,7 @@ void preprocess_pairs(int64_t B, int64_t N, int D, T p, T cutoff, const Gaussian
                       const T* rotations, const T* shifts, T* means2d, T* conics, T* weights, int32_t* rects) {
   const int64_t pairs = B * N;
   constexpr int64_t CHUNK = 1024;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t i0 = 0; i0 < pairs; i0 += CHUNK) {
     preprocess_range(i0, std::min(pairs, i0 + CHUNK), N, D, p, cutoff, gauss, amplitudes, rotations, shifts, means2d,
                      conics, weights, rects);
@@ -310,7 +312,7 @@ void gauss_grads(int64_t B, int64_t N, T p,
                  T* v_quats,                // [N, 4] out
                  T* v_scales,               // [N, 3] out
                  T* v_amplitudes) {         // [N]    out
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 64)
   for (int64_t g = 0; g < N; ++g) {
     const Gaussian<T>& G = gauss[g];
     T acc[13] = {};  // v_L (9), v_mu (3), v_m
@@ -343,7 +345,7 @@ void pose_grads(int64_t B, int64_t N, T p,
                 const T* v_pairs,          // [B, N, 6]
                 T* v_rotations,            // [B, 3, 3] out
                 T* v_shifts) {             // [B, 2]    out
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
     const T* A = rotations + 9 * b;
     T acc[8] = {};  // v_A rows 0-1 (6), v_t (2)
