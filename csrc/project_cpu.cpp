@@ -218,13 +218,13 @@ __attribute__((always_inline)) inline void pair_grads_impl(int64_t i0, int64_t i
     T s0[W] = {}, sx[W] = {}, sy[W] = {}, sxx[W] = {}, sxy[W] = {}, syy[W] = {};
     for (int y = y0; y <= y1; ++y) {
       const T dy = static_cast<T>(y) - uy;
-      const T* __restrict__ row = v_img + static_cast<int64_t>(y) * Dp + x0;
       for (int c = 0; c < nx; c += W) {
+        const T* __restrict__ vec = v_img + static_cast<int64_t>(y) * Dp + x0 + c;  // pixels x0 + c ..
 #pragma omp simd
         for (int l = 0; l < W; ++l) {
           const int x = x0 + c + l;
           const T dx = static_cast<T>(x) - ux;
-          const T ge = row[c + l] * eval_scaled_vec(sc, dx, dy, k2s, x <= x1);
+          const T ge = vec[l] * eval_scaled_vec(sc, dx, dy, k2s, x <= x1);
           const T gx = ge * dx, gy = ge * dy;
           s0[l] += ge;
           sx[l] += gx;
