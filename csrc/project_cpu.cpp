@@ -107,7 +107,9 @@ void preprocess_pairs(int64_t B, int64_t N, int D, T p, T cutoff, const Gaussian
 template <typename T>
 std::vector<Gaussian<T>> load_gaussians(int64_t N, const T* means, const T* quats, const T* scales) {
   std::vector<Gaussian<T>> gauss(static_cast<size_t>(N));
-#pragma omp parallel for schedule(static)
+  // ~10 ns a Gaussian: threads only pay off for many (each parallel region is a barrier, which costs
+  // most when another process holds a core)
+#pragma omp parallel for schedule(static) if (N >= 16384)
   for (int64_t g = 0; g < N; ++g) gauss[g] = load_gaussian(g, means, quats, scales);
   return gauss;
 }
