@@ -3,7 +3,9 @@
 Each configuration runs in its own process so that CPU peak memory (max RSS above the baseline
 after start-up) is its own; on a GPU, peak memory is ``torch.cuda.max_memory_allocated``.
 Timing: warm-up runs, then the median of repeats (CUDA events on a GPU, perf_counter on CPU); the
-fastest repeat is kept too (``fwd_min_ms``, ``fwd_bwd_min_ms``), a steadier figure on a shared machine.
+fastest repeat is kept too (``fwd_min_ms``, ``fwd_bwd_min_ms``), and on CPU the median process CPU
+time of a forward+backward (``fwd_bwd_cpu_ms``, all threads together): with one thread it does not
+count the time other processes hold the core, the steadiest figure on a shared machine.
 
 Writes JSON (one row per configuration and backend) and a Markdown table.
 
@@ -139,7 +141,7 @@ def run_one(backend, B, D, N, device, repeats, warmup):
     def timed(fn):
         for _ in range(warmup):
             fn()
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -149,16 +151,17 @@ def run_one(backend, B, D, N, device, repeats, warmup):
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             else:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times), min(times)
+                cpu_times.append(1e3 * (time.process_time() - c0))
+        return statistics.median(times), min(times), (statistics.median(cpu_times) if cpu_times else None)
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    fwd_ms, fwd_min_ms = timed(fwd)
-    fwd_bwd_ms, fwd_bwd_min_ms = timed(fwd_bwd)
+    fwd_ms, fwd_min_ms, _ = timed(fwd)
+    fwd_bwd_ms, fwd_bwd_min_ms, fwd_bwd_cpu_ms = timed(fwd_bwd)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         device_name = torch.cuda.get_device_name()
@@ -173,7 +176,7 @@ def run_one(backend, B, D, N, device, repeats, warmup):
                  "exp_ceiling_fraction_fwd": None if ceiling is None else useful / (fwd_ms / 1e3) / ceiling}
     return {**extra, "device": device_name, "B": B, "D": D, "N": N, "sigma_px": SIGMA_PX, "backend": backend,
             "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "fwd_bwd_images_per_s": B / (fwd_bwd_ms / 1e3),
-            "fwd_min_ms": fwd_min_ms, "fwd_bwd_min_ms": fwd_bwd_min_ms,
+            "fwd_min_ms": fwd_min_ms, "fwd_bwd_min_ms": fwd_bwd_min_ms, "fwd_bwd_cpu_ms": fwd_bwd_cpu_ms,
             "peak_mem_bytes": int(peak), "instances": instances, "evaluations": evals, "useful_evaluations": useful,
             "wasted_fraction": 1 - useful / evals if evals else 0.0,
             "evaluations_per_s_fwd": evals / (fwd_ms / 1e3), "useful_evaluations_per_s_fwd": useful / (fwd_ms / 1e3),
@@ -181,10 +184,10 @@ def run_one(backend, B, D, N, device, repeats, warmup):
 
 
 def markdown(rows) -> str:
-    head = ("| device | B | D | N | backend | fwd ms | fwd+bwd ms | fastest fwd+bwd ms | images/s | peak MiB | "
-            "instances | useful Geval/s (fwd) | wasted evals | % of ex2 ceiling (useful, fwd) | speedup vs torch "
-            "(median; fastest) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| device | B | D | N | backend | fwd ms | fwd+bwd ms | fastest fwd+bwd ms | CPU time fwd+bwd ms | "
+            "images/s | peak MiB | instances | useful Geval/s (fwd) | wasted evals | % of ex2 ceiling (useful, fwd) | "
+            "speedup vs torch (median; fastest) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         inst = "" if r["instances"] is None else f"{r['instances']:,}"
@@ -192,10 +195,11 @@ def markdown(rows) -> str:
         if r.get("speedup_vs_torch_fastest") is not None:
             sp += f"; {r['speedup_vs_torch_fastest']:.3g}×"
         fastest = "" if r.get("fwd_bwd_min_ms") is None else f"{r['fwd_bwd_min_ms']:.1f}"
+        cpu_ms = "" if r.get("fwd_bwd_cpu_ms") is None else f"{r['fwd_bwd_cpu_ms']:.1f}"
         frac = r.get("exp_ceiling_fraction_fwd")
         frac = "" if frac is None else f"{100 * frac:.1f}"
         lines.append(f"| {r['device']} | {r['B']} | {r['D']} | {r['N']} | {r['backend']} | {r['fwd_ms']:.1f} | "
-                     f"{r['fwd_bwd_ms']:.1f} | {fastest} | {r['fwd_bwd_images_per_s']:.0f} | "
+                     f"{r['fwd_bwd_ms']:.1f} | {fastest} | {cpu_ms} | {r['fwd_bwd_images_per_s']:.0f} | "
                      f"{r['peak_mem_bytes'] / 2**20:.0f} | "
                      f"{inst} | {r['useful_evaluations_per_s_fwd'] / 1e9:.3f} | {100 * r['wasted_fraction']:.0f} % | "
                      f"{frac} | {sp} |")
