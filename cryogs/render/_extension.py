@@ -11,6 +11,8 @@ import functools
 
 @functools.cache
 def _load():
+    import torch  # noqa: F401  (loads libc10/libtorch, which the extension links against)
+
     try:
         from . import _C  # built by setup.py when torch and a C++ compiler are found
     except ImportError as exc:
