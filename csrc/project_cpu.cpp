@@ -14,9 +14,9 @@
 // Loops hand out work dynamically (chunks of pairs, slabs, Gaussians, images): on a shared machine a
 // thread that loses its core then delays the others less.
 // Backward, cpu_project_bwd (bitwise deterministic: no atomics, every sum in a fixed order):
-//   A. per pair (parallel): the six PixelMoments of dL/dI over its box (kept per vector lane), then
-//      finalize_moments ->
-//      v_u, v_conic, v_w, written to the pair's own slot of a [B, N, 6] buffer;
+//   A. per pair (parallel): the six PixelMoments of dL/dI over its box (kept per vector lane, the
+//      lanes summed in a fixed order), then finalize_moments -> v_u, v_conic, v_w, written to the
+//      pair's own slot of a [B, N, 6] buffer;
 //   B. per Gaussian (parallel over g, images in order) and per image (parallel over b, Gaussians in
 //      order): the reductions of the CUDA stage-B kernels (pair_backward_cov, projected_factor_vjp,
 //      mean2d_vjp, load_gaussian_vjp). Each pass runs only if its parameters need gradients.
