@@ -19,7 +19,7 @@ COMMANDS = {
     "backproject": "voxel baseline: direct Fourier inversion of particles with known poses (CTF Wiener, half maps)",
     "fsc": "Fourier shell correlation between two maps",
     "demo": "simulate, reconstruct and evaluate the embedded adenylate kinase example",
-    "info": "versions, torch build, CUDA extension and GPU",
+    "info": "versions, torch build, CUDA extension, cpu backend and GPU",
 }
 
 

@@ -50,7 +50,7 @@ void check_geometry(const char* op, int64_t box_size, double pixel_size, double 
 // Number of tiles along one side of a D x D image.
 int64_t tiles_per_side(int64_t box_size);
 
-// ---- CUDA ops (preprocess.cpp, bin.cpp, rasterize.cpp, voxelize.cpp) ----------------------------
+// ---- CUDA ops (preprocess.cpp, bin.cpp, rasterize.cpp, voxelize.cpp; absent with CRYOGS_CPU_ONLY) ---
 std::vector<at::Tensor> preprocess_fwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                                        const at::Tensor& amplitudes, const at::Tensor& rotations,
                                        const at::Tensor& shifts, int64_t box_size, double pixel_size, double cutoff);
@@ -104,5 +104,32 @@ std::vector<at::Tensor> rasterize_bwd_cpu(const at::Tensor& means2d, const at::T
 at::Tensor voxelize_cpu(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                         const at::Tensor& amplitudes, int64_t box_size, double pixel_size, double cutoff,
                         bool use_box);
+
+
+// ---- CPU backend (project_cpu.cpp, voxelize_cpu.cpp): OpenMP, float32 or float64 CPU tensors ---
+// Built into every configuration of the extension (with or without the CUDA ops).
+// -> {images [B, D, D], means2d [B, N, 2], conics [B, N, 3], weights [B, N], rects [B, N, 4] int32
+//     (inclusive pixel box x0, x1, y0, y1 of each pair; empty when x0 > x1)}
+std::vector<at::Tensor> cpu_project_fwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                        const at::Tensor& amplitudes, const at::Tensor& rotations,
+                                        const at::Tensor& shifts, int64_t box_size, double pixel_size,
+                                        double cutoff);
+
+// From the forward's per-pair outputs and dL/dI [B, D, D] -> {v_means, v_quats, v_scales,
+// v_amplitudes (undefined without gauss_grads), v_rotations, v_shifts (undefined without pose_grads)}.
+std::vector<at::Tensor> cpu_project_bwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                        const at::Tensor& amplitudes, const at::Tensor& rotations,
+                                        const at::Tensor& means2d, const at::Tensor& conics,
+                                        const at::Tensor& weights, const at::Tensor& rects,
+                                        const at::Tensor& v_images, int64_t box_size, double pixel_size,
+                                        double cutoff, bool pose_grads, bool gauss_grads);
+
+// -> volume [D, D, D] (forward only)
+at::Tensor cpu_voxelize_fwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                            const at::Tensor& amplitudes, int64_t box_size, double pixel_size, double cutoff);
+
+// Whether the CPU ops were compiled with OpenMP, and its thread count now.
+bool cpu_has_openmp();
+int64_t cpu_num_threads();
 
 }  // namespace cryogs

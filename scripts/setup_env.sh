@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv if needed and installs cryogs into it (editable), with its dependencies.
-# The CUDA extension is compiled when torch is a CUDA build and nvcc is found (CUDA_HOME, else
-# /usr/local/cuda); then a compile error fails this script. CRYOGS_BUILD_CUDA=0 skips it.
+# The extension is compiled with the CUDA ops (and the cpu backend's) when torch is a CUDA build and
+# nvcc is found (CUDA_HOME, else /usr/local/cuda); then a compile error fails this script. Otherwise,
+# or with CRYOGS_BUILD_CUDA=0, it is compiled with the CPU ops only when a C++ compiler is present.
 # CRYOGS_TORCH overrides the torch requirement (default torch==2.14.1, a CUDA 13.0 build).
 # Before the long step it says whether it compiles the extension, and roughly how long that takes.
 set -euo pipefail
@@ -24,10 +25,10 @@ if [ -z "${CRYOGS_BUILD_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOM
 fi
 if [ "${CRYOGS_BUILD_CUDA:-0}" = 1 ]; then
     echo "cryogs: installing and compiling the CUDA extension with ${CUDA_HOME:-nvcc}: about 9 minutes" \
-         "on 2 CPU cores (a few minutes on more), with no output until it ends (CRYOGS_BUILD_CUDA=0 skips it)"
+         "on 2 CPU cores (a few minutes on more), with no output until it ends (CRYOGS_BUILD_CUDA=0: CPU ops only)"
 else
-    echo "cryogs: installing without compiling the CUDA extension (no nvcc, a CPU-only torch, or" \
-         "CRYOGS_BUILD_CUDA=0); under a minute"
+    echo "cryogs: installing and compiling the extension with the CPU ops only (no nvcc, a CPU-only torch, or" \
+         "CRYOGS_BUILD_CUDA=0): about 2 minutes on 2 CPU cores; without a C++ compiler it is skipped"
 fi
 python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
-python -c 'from cryogs.render import _extension; print(f"cryogs: CUDA extension {_extension.status()}")'
+python -c 'from cryogs.render import _extension; print(f"cryogs: {_extension.summary()}")'

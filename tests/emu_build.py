@@ -10,7 +10,8 @@ What goes in is what setup.py compiles into ``cryogs.render._C``, with the CUDA 
   force-included: each CUDA thread a fiber under a deterministic scheduler (see that header);
 - every ``csrc/*.cpp``: the real host wrappers, CPU twins and pybind11 bindings, against the
   ``csrc/emu/`` stubs of ``cuda_runtime.h``, ``c10/cuda`` and CUB, and ``-DCRYOGS_EMULATED``, their
-  one switch (the ops take CPU tensors);
+  one switch (the ops take CPU tensors); the ``cpu`` backend's sources come along (the bindings
+  name them), compiled without OpenMP and without their ISA clones;
 - ``csrc/emu/runtime.cpp``, the block scheduler.
 
 The kernels and the CPU twins are built with FMA contraction on (``-ffp-contract=fast``, ``-mfma``

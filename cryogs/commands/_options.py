@@ -62,6 +62,11 @@ def device_name(text: str) -> str:
     return text
 
 
+#: The projection backends, as cryogs.render.project.BACKENDS (kept here so the parser imports no torch;
+#: tests/test_cpu_backend.py checks the two agree).
+BACKEND_CHOICES = ("auto", "cuda", "cpu", "torch", "dense")
+
+
 def add_compute_args(parser, *, backend: bool = True) -> None:
     """``--device`` and, for commands that project Gaussians, ``--backend``."""
     parser.add_argument("--device", type=device_name, default="auto",
@@ -69,9 +74,10 @@ def add_compute_args(parser, *, backend: bool = True) -> None:
                              "visible, else cpu)")
     if not backend:
         return
-    parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "torch", "dense"],
-                        help="projection backend: auto picks the CUDA kernels on a GPU when built, else the "
-                             "torch splat; dense is the exact (slow) reference (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES),
+                        help="projection backend: auto picks the CUDA kernels on a GPU and the cpu kernels "
+                             "(OpenMP) on the CPU when the extension is built, else the torch splat; dense is "
+                             "the exact (slow) reference (default: auto)")
 
 
 def add_pixel_size_arg(parser, *, default, help: str) -> None:

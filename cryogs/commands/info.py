@@ -1,4 +1,4 @@
-"""Print versions, the torch build, whether the CUDA extension is built, and the GPU.
+"""Print versions, the torch build, what the extension holds (CUDA ops, cpu backend), and the GPU.
 
 Example:
   cryogs info
@@ -22,6 +22,7 @@ def main(args):
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
     print(f"torch {torch.__version__} ({build} build)")
     print(f"CUDA extension: {_extension.status()}")
+    print(f"cpu backend: {_extension.cpu_status()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(i)

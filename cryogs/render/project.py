@@ -9,7 +9,7 @@ from . import _extension
 from .gaussian_math import CUTOFF_SIGMA, covariance_3d, preprocess
 from .reference import rasterize_dense, rasterize_splat, voxelize_splat
 
-BACKENDS = ("auto", "cuda", "torch", "dense")
+BACKENDS = ("auto", "cuda", "cpu", "torch", "dense")
 
 
 def _check_inputs(means, quats, scales, amplitudes, box_size, pixel_size):
@@ -26,16 +26,26 @@ def _check_inputs(means, quats, scales, amplitudes, box_size, pixel_size):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on ``device``: ``auto`` picks ``cuda`` when it can."""
+    """The concrete backend for ``backend`` on ``device``: ``auto`` picks ``cuda`` for CUDA tensors and
+    ``cpu`` for CPU tensors when the extension holds those ops, else ``torch``."""
     if backend not in BACKENDS:
         raise CryogsError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "cuda" if device.type == "cuda" and _extension.available() else "torch"
+        if device.type == "cuda" and _extension.available():
+            return "cuda"
+        if device.type == "cpu" and _extension.cpu_available():
+            return "cpu"
+        return "torch"
     if backend == "cuda":
         if device.type != "cuda":
             raise CryogsError("backend 'cuda' needs CUDA tensors (use --device cuda)")
         if not _extension.available():
             raise CryogsError(f"backend 'cuda' is unavailable: CUDA extension {_extension.status()}")
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise CryogsError("backend 'cpu' needs CPU tensors (use --device cpu)")
+        if not _extension.cpu_available():
+            raise CryogsError(f"backend 'cpu' is unavailable: its extension ops are {_extension.cpu_status()}")
     return backend
 
 
@@ -52,10 +62,11 @@ def project(means, quats, scales, amplitudes, rotations, shifts=None, *, box_siz
         shifts: ``[B, 2]`` RELION origins (x, y) in Å, or ``None``.
         box_size: image side D in pixels.
         pixel_size: Å per pixel.
-        backend: ``auto`` (``cuda`` for CUDA tensors when the extension is built, else ``torch``),
-            ``cuda``, ``torch`` (splat) or ``dense`` (exact line integral).
-        cutoff: truncation in standard deviations. Defaults to :data:`CUTOFF_SIGMA` for ``torch`` and
-            ``cuda`` and to no truncation (exact) for ``dense``.
+        backend: ``auto`` (``cuda`` for CUDA tensors when the extension has the CUDA ops, ``cpu`` for
+            CPU tensors when it has the CPU ops, else ``torch``), ``cuda``, ``cpu`` (the OpenMP
+            kernels), ``torch`` (splat) or ``dense`` (exact line integral).
+        cutoff: truncation in standard deviations. Defaults to :data:`CUTOFF_SIGMA` for ``torch``,
+            ``cuda`` and ``cpu`` and to no truncation (exact) for ``dense``.
 
     Differentiable with respect to every tensor argument, pose included.
     """
@@ -70,6 +81,11 @@ def project(means, quats, scales, amplitudes, rotations, shifts=None, *, box_siz
 
         return project_cuda(means, quats, scales, amplitudes, rotations, shifts, box_size=box_size,
                             pixel_size=pixel_size, cutoff=CUTOFF_SIGMA if cutoff is None else cutoff)
+    if backend == "cpu":
+        from .cpu import project_cpu
+
+        return project_cpu(means, quats, scales, amplitudes, rotations, shifts, box_size=box_size,
+                           pixel_size=pixel_size, cutoff=CUTOFF_SIGMA if cutoff is None else cutoff)
     k = cutoff if cutoff is not None else (None if backend == "dense" else CUTOFF_SIGMA)
     means2d, conics, weights, radii = preprocess(
         means, quats, scales, amplitudes, rotations, shifts, box_size=box_size, pixel_size=pixel_size,
@@ -81,7 +97,11 @@ def project(means, quats, scales, amplitudes, rotations, shifts=None, *, box_siz
 
 def voxelize(means, quats, scales, amplitudes, *, box_size: int, pixel_size: float, backend: str = "auto",
              cutoff: float = CUTOFF_SIGMA):
-    """``[D, D, D]`` map ``V[z, y, x]`` (mass per voxel) of the Gaussian mixture on the cryogs grid."""
+    """``[D, D, D]`` map ``V[z, y, x]`` (mass per voxel) of the Gaussian mixture on the cryogs grid.
+
+    ``backend`` as for :func:`project` (``dense`` means ``torch`` here); ``cuda`` and ``cpu`` are
+    forward-only and fall back to the torch voxelizer when gradients are needed.
+    """
     _check_inputs(means, quats, scales, amplitudes, box_size, pixel_size)
     backend = resolve_backend("torch" if backend == "dense" else backend, means.device)
     if backend == "cuda":
@@ -89,5 +109,10 @@ def voxelize(means, quats, scales, amplitudes, *, box_size: int, pixel_size: flo
 
         return voxelize_cuda(means, quats, scales, amplitudes, box_size=box_size, pixel_size=pixel_size,
                              cutoff=cutoff)
+    if backend == "cpu":
+        from .cpu import voxelize_cpu
+
+        return voxelize_cpu(means, quats, scales, amplitudes, box_size=box_size, pixel_size=pixel_size,
+                            cutoff=cutoff)
     return voxelize_splat(means, covariance_3d(quats, scales), amplitudes, box_size=box_size,
                           pixel_size=pixel_size, cutoff=cutoff)
