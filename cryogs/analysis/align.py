@@ -107,8 +107,8 @@ def align_maps(volume: np.ndarray, reference: np.ndarray, *, grid_step: float = 
     Returns ``{"aligned": map, "mirrored": bool, "rotation": R [3, 3], "shift_voxels": t (x, y, z),
     "correlation": float}`` with ``aligned(u) = volume(H Rᵀ(u − t))``.
     """
-    v = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)
-    ref = torch.as_tensor(np.ascontiguousarray(reference), dtype=torch.float32)
+    v = torch.tensor(np.array(volume, dtype=np.float32))
+    ref = torch.tensor(np.array(reference, dtype=np.float32))
     if v.shape != ref.shape or v.ndim != 3 or len(set(v.shape)) != 1:
         raise CryogsError(f"alignment needs two cubic maps of one box, got {tuple(v.shape)} and {tuple(ref.shape)}")
     D = v.shape[0]

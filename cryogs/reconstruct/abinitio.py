@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class AbinitioConfig:
     seed: int = 0
     device: str = "cpu"
     chunk: int = 128  # images per scoring chunk
-    gaussians: bool = True  # redraw the map as Gaussians every iteration
+    gaussians: bool = False  # redraw the map as Gaussians every iteration (hurt in tests: off)
 
     @classmethod
     def from_dict(cls, d: dict) -> AbinitioConfig:
@@ -506,8 +506,7 @@ class Search:
         r = _radius(res, self.d, self.pixel)
         ref = Reference(volume)
         if v is None:  # the first iteration: every image's power as its noise (a flat posterior)
-            v = residual_variance(data, ref, sel, torch.eye(3).expand(len(sel), 3, 3),
-                                  torch.zeros(len(sel), 2), r) if False else self._power(sel, r)
+            v = self._power(sel, r)
         keep = cfg.top_k if soft else 1
         if global_:
             cand = global_search(data, ref, sel, self.grid, self.shifts, r, v, max(cfg.top_k, keep), cfg.chunk)
@@ -609,7 +608,8 @@ class Search:
                                   "mean_log_likelihood": ll, "noise_variance": v, "gaussians": len(model),
                                   "median_pose_change_degrees": moved, "seconds": state.seconds})
             self.report.line(f"iteration {it + 1}/{cfg.iterations} at {res:.1f} Å ({'global' if global_ else 'local'}, "
-                             f"{'soft' if soft else 'hard'}): mean log-likelihood {ll:.4g}, {len(model)} Gaussians"
+                             f"{'soft' if soft else 'hard'}): mean log-likelihood {ll:.4g}"
+                             + (f", {len(model)} Gaussians" if cfg.gaussians else "")
                              + (f", poses moved {moved:.1f}° (median)" if moved is not None else ""))
             save(state)
         state.stage = "done"
@@ -617,7 +617,7 @@ class Search:
 
 
 def search_state_dict(state: SearchState) -> dict:
-    d = asdict(state) if False else dict(state.__dict__)
+    d = dict(state.__dict__)
     if state.candidates is not None:
         d["candidates"] = asdict(state.candidates)
     return d
@@ -657,3 +657,80 @@ def run_search(particles: ParticleSet, cfg: AbinitioConfig, out_dir, *, resume: 
     state = search.run(state, save)
     save(state)
     return state, data
+
+
+# ---------------------------------------------------------------------------------------------- the whole run
+@dataclass
+class FitPlan:
+    """The known-pose fit that follows the search: the Gaussians at the full box, poses refined locally."""
+
+    epochs: int = 3
+    refine_start: float = 0.34
+    pose_steps: int = 3
+
+
+def run_abinitio(particles: ParticleSet, cfg: AbinitioConfig, plan: FitPlan, out_dir, *, resume: bool,
+                 report: Report, backend: str = "auto", command: str | None = None) -> dict:
+    """Search, then fit with pose refinement, then write every output into ``out_dir``; returns the metrics."""
+    from pathlib import Path
+
+    from cryogs.analysis.figures import plot_abinitio_progress, plot_viewing_directions
+    from cryogs.io.atomic import write_json
+    from cryogs.io.star import write_star_with_poses
+
+    from .backproject import gaussians_on_backprojection
+    from .config import TrainConfig, default_config
+    from .fit import planned_steps, run_training
+    from .outputs import _image_names, _on_disk
+    from .poses import rotation_error_degrees
+
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    state, data = run_search(particles, cfg, out, resume=resume, report=report)
+    search_seconds = state.seconds
+    # the known-pose fit at the full box, from the poses found, refining them
+    found = replace(particles, rotations=state.rotations.double().numpy(), shifts=state.shifts.double().numpy())
+    config_file = out / "config.json"
+    if resume and config_file.is_file():
+        train = TrainConfig.from_dict(__import__("json").loads(config_file.read_text()))
+        train.device, train.backend = cfg.device, backend
+    else:
+        train = default_config(found, epochs=plan.epochs, seed=cfg.seed, device=cfg.device, backend=backend,
+                               refine_start=plan.refine_start, pose_steps=plan.pose_steps)
+        train.refine_poses, train.init = True, "backproject"
+    report.line(f"fitting {train.n_gaussians} Gaussians at {particles.box_size} px with the poses found, refining "
+                f"every pose locally (--refine-poses) from epoch {math.floor(plan.refine_start * plan.epochs) + 1} "
+                f"of {train.epochs}")
+    report.plan(planned_steps(len(found), train))
+
+    def start(p):
+        return gaussians_on_backprojection(p, train.n_gaussians, seed=train.seed, device=train.device)
+
+    trainer = run_training(found, train, out, resume=resume, initial=start, report=report, command=None)
+    rotations, shifts = (x.detach().cpu() for x in trainer.refined_poses())
+    moved = rotation_error_degrees(rotations.double(), state.rotations.double())
+    names = _image_names(particles)
+    star = out / "particles.star"
+    if particles.source.lower().endswith(".star"):
+        write_star_with_poses(star, particles, rotations, shifts, names)
+    else:
+        from cryogs.io.star import write_star
+
+        write_star(star, None, rotations, shifts, *_on_disk(particles), ctf=particles.ctf, image_names=names,
+                   ctf_premultiplied=particles.ctf_premultiplied)
+    plot_viewing_directions(out / "viewing_directions.png", rotations.numpy())
+    plot_abinitio_progress(out / "abinitio.png", state.history)
+    metrics = {
+        "search_seconds": search_seconds,
+        "search_box": data.box, "search_pixel_size_angstrom": data.pixel,
+        "search_iterations": state.history, "random_start_residuals": state.start_scores,
+        "pose_change_in_refinement_median_degrees": float(moved.median()),
+        "handedness": "undetermined: projections cannot tell a structure from its mirror image; the map may be "
+                      "the mirror of the true one (cryogs flip, cryogs align)",
+        "abinitio_config": asdict(cfg),
+    }
+    metrics = trainer.write_outputs(metrics)
+    (out / "refined_poses.star").unlink(missing_ok=True)  # particles.star holds them, with the input columns
+    metrics["wall_seconds"] = time.perf_counter() - t0  # of this invocation (a resumed run: since the resume)
+    write_json(out / "metrics.json", metrics)
+    return metrics
