@@ -69,6 +69,12 @@ def add_args(parser):
                         help="random starts, each tried on a subset of the images; the best continues (default: 3)")
     parser.add_argument("--start-resolution", type=positive_float, default=20.0,
                         help="resolution in Å the search starts at (default: 20)")
+    parser.add_argument("--grid-step", type=positive_float, default=15.0,
+                        help="spacing in degrees of the global rotation grid (refined hierarchically below it) "
+                             "(default: 15, about 4,400 rotations)")
+    parser.add_argument("--candidates", type=positive_int, default=10,
+                        help="poses kept and refined per image in each iteration (the soft assignments' support) "
+                             "(default: 10)")
     parser.add_argument("--max-shift", type=positive_float, default=None,
                         help="largest origin searched on each axis, Å (default: 6%% of the box)")
     parser.add_argument("--epochs", type=positive_int, default=3,
@@ -132,6 +138,7 @@ def main(args):
                              global_iterations=max(1, (2 * args.iterations) // 3),
                              soft_iterations=max(1, args.iterations // 2), starts=args.starts,
                              start_resolution=args.start_resolution, max_shift=args.max_shift or 0.0,
+                             grid_step=args.grid_step, top_k=args.candidates,
                              radius=radius, mass=mass, seed=args.seed, device=str(args.device))
     plan = FitPlan(epochs=args.epochs, refine_start=args.refine_start, pose_steps=args.pose_steps)
     report.line(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; particle "
