@@ -125,8 +125,8 @@ def main() -> None:
 
 
 def write_table(rows, peers, path: Path) -> None:
-    lines = ["| images | SNR | method | median pose error (°) | within 10° | FSC 0.5 after alignment (Å) | "
-             "wall time | seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| images | SNR | method | median pose error (°) | within 10° | FSC 0.5 after alignment (Å) | "
+              "wall time | seed |"), "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["images"], -r["snr"], r["method"])):
         med = r.get("median_pose_error_degrees")
         within = r.get("within_10_degrees")

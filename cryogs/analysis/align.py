@@ -96,7 +96,7 @@ def _best_shift(maps: torch.Tensor, ref_f: torch.Tensor):
     cc = torch.fft.irfftn(ref_f * torch.fft.rfftn(maps, dim=(-3, -2, -1)).conj(), s=(d, d, d), dim=(-3, -2, -1))
     score, flat = cc.flatten(1).max(1)
     iz, iy, ix = flat // (d * d), (flat // d) % d, flat % d
-    wrap = lambda i: torch.where(i > d // 2, i - d, i)  # noqa: E731
+    wrap = lambda i: torch.where(i > d // 2, i - d, i)
     return score, torch.stack([wrap(ix), wrap(iy), wrap(iz)], -1).float()
 
 

@@ -133,7 +133,7 @@ def local_rotations(step_deg: float) -> torch.Tensor:
 
 def shift_grid(max_shift: float, step: float) -> torch.Tensor:
     """``[T, 2]`` origins (Å) on a square grid of ``step`` within ±``max_shift`` (zero first)."""
-    n = int(math.floor(max_shift / step + 1e-6))
+    n = math.floor(max_shift / step + 1e-6)
     a = torch.arange(-n, n + 1, dtype=torch.float32) * step
     g = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2)
     order = torch.argsort(g.norm(dim=-1), stable=True)
@@ -263,7 +263,7 @@ def local_search(data: FourierImages, ref: Reference, sel: torch.Tensor, cand: C
     local = local_rotations(rot_step).to(cand.rotations.device)
     a = torch.tensor([0.0, -shift_step, shift_step])
     offs = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2).to(cand.shifts.device)
-    n, k = cand.scores.shape
+    n = cand.scores.shape[0]
     out_r, out_s, out_v = [], [], []
     for start in range(0, n, max(1, chunk // 4)):
         rows = torch.arange(start, min(n, start + max(1, chunk // 4)))
@@ -348,7 +348,7 @@ def backproject(data: FourierImages, sel, cand: Candidates, weights: torch.Tenso
     per shell, frequencies up to ``r``."""
     d = data.box
     P = PAD * d
-    idx, kx, ky, w = data.frequencies(min(r + 1.5, d / 2 - 0.5))
+    idx, kx, ky, _ = data.frequencies(min(r + 1.5, d / 2 - 0.5))
     num = torch.zeros(2, P ** 3)
     den = torch.zeros(P ** 3)
     c0 = P // 2
