@@ -19,23 +19,24 @@ Method (expectation-maximisation with frequency marching, scored by the Gaussian
   ``[images·shifts, 2K] @ [2K, rotations]`` and the CTF² term another ``[images, K] @ [K, rotations]``.
 * **Hierarchical refinement**: the best few candidates of each image are refined on local grids of
   27 rotations (offsets of ±step about each axis) × 9 shifts (±step), halving both steps each round.
-* **Soft, then hard assignments**: while the radius is low the top candidates of each image are
-  weighted by their posterior ``∝ exp(L)`` (restricted to the top ``K``; the noise variance ``v`` is
-  re-estimated each iteration from the residuals, so the weights sharpen as the model improves);
-  in the last iterations each image takes its single best pose.
+* **Soft, then hard assignments**: in the first half of the iterations the top candidates of each
+  image are weighted by a tempered posterior ``∝ exp(L / T)`` (restricted to the top ``K``; the noise
+  variance ``v`` is re-estimated each iteration from the residuals), ``T ≥ 1`` set so that the best
+  candidate's weight averages 0.2 in the first iteration, rising to 1 (:func:`soft_weights`: the
+  likelihood of a wrong early model is overconfident, deterministic annealing spreads it); in the
+  later iterations each image takes its single best pose.
 * **Model update (M step)**: the weighted Fourier backprojection of the images into the padded 3D
-  grid, ``V̂ = Σ w c X e^{-2πi k·o} / (Σ w c² + λ)`` with a per-shell Wiener term ``λ``, low-passed to
-  the current radius, masked by a soft sphere and clipped to positive density. The map is then
-  redrawn as a **Gaussian model** (:meth:`GaussianModel.from_map`) whose number grows every
-  iteration (from 16, doubling) and whose width shrinks with it: the reference the next iteration
-  scores against is this model voxelized. Few wide Gaussians early keep the reference smooth and
-  positive, which is what lets a random start find the right fold.
-* **Frequency marching**: the radius goes from about 20 Å to the working box's limit
-  (``2.2`` working pixels) over the iterations; global searches run for the first half, local ones
-  (around the previous best pose) for the rest.
-* **Several random starts** (few random Gaussians each) run the first iterations on a subset of the
-  images; the start whose poses explain that subset best (highest likelihood under one common noise
-  variance) continues on all images.
+  grid, ``V̂ = Σ w c X e^{-2πi k·o} / (Σ w c² + λ)`` with a small per-shell Wiener term ``λ``, low-passed
+  to the current radius, masked by a soft sphere, its zero frequency set to the particle's mass
+  (estimated from the images) and clipped to positive density: the reference of the next iteration.
+  (Redrawing that map as a growing Gaussian model every iteration, :func:`gaussian_reference`,
+  ``AbinitioConfig.gaussians``, made the search fail on the test data: off by default.)
+* **Frequency marching**: the radius goes geometrically from about 20 Å to the working box's limit
+  (``2.2`` working pixels) over the iterations; global searches run for the first two thirds (as the
+  command sets them), local ones (around the previous best pose, finer steps) for the rest.
+* **Several random starts** (16 random wide Gaussians each) run the first iterations on a subset of
+  the images; the start whose best poses leave the smallest residual on that subset (the highest
+  likelihood under one common noise variance) continues on all images.
 
 The command then fits the Gaussians at the full box with these poses and refines every pose locally
 with the known-pose fit's ``--refine-poses`` machinery (:mod:`cryogs.reconstruct.fit`).
