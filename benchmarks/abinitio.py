@@ -91,7 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results_file = ROOT / "results" / f"abinitio_{args.tag}.json"
-    rows = json.loads(results_file.read_text())["rows"] if results_file.exists() else []
+    rows = [{**r, "snr": float(r["snr"])} for r in json.loads(results_file.read_text())["rows"]] \
+        if results_file.exists() else []
     peers = {name: importlib.util.find_spec(mod) is not None for name, mod in
              (("ASPIRE", "aspire"), ("cryoDRGN abinit_homo", "cryodrgn"))}
     for n in args.images:
@@ -113,7 +114,7 @@ def main() -> None:
                 if rc == 0:
                     row.update(score(run, sim))
                     row["search_seconds"] = json.loads((run / "metrics.json").read_text())["search_seconds"]
-                print(json.dumps(row), flush=True)
+                print(row, flush=True)
                 rows = [r for r in rows if not (r["images"] == n and r["snr"] == snr and r["seed"] == args.seed
                                                 and r["method"] == row["method"])] + [row]
             if args.two_step and rc == 0:
@@ -129,12 +130,18 @@ def main() -> None:
                         "wall_seconds": wall + time.perf_counter() - t0, "threads": torch.get_num_threads()}
                 if rc2 == 0:
                     row2.update(score(two, sim, star_name="none"))
-                print(json.dumps(row2), flush=True)
+                print(row2, flush=True)
                 rows = [r for r in rows if not (r["images"] == n and r["snr"] == snr and r["seed"] == args.seed
                                                 and r["method"] == row2["method"])] + [row2]
-                results_file.write_text(json.dumps({"rows": rows, "peers_installed": peers}, indent=2) + "\n")
-            results_file.write_text(json.dumps({"rows": rows, "peers_installed": peers}, indent=2) + "\n")
+                save(results_file, rows, peers)
+            save(results_file, rows, peers)
     write_table(rows, peers, results_file.with_suffix(".md"))
+
+
+def save(path: Path, rows, peers) -> None:
+    """The rows as valid JSON: an infinite SNR (no noise) is written as the string "inf"."""
+    out = [{**r, "snr": r["snr"] if math.isfinite(r["snr"]) else "inf"} for r in rows]
+    path.write_text(json.dumps({"rows": out, "peers_installed": peers}, indent=2) + "\n")
 
 
 def write_table(rows, peers, path: Path) -> None:
