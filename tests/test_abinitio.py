@@ -152,3 +152,27 @@ def test_bad_input_is_one_line(tmp_path, adk):
     write_mrc(tmp_path / "m16.mrc", np.zeros((16, 16, 16), np.float32), 3.0)
     one_line_error(cryogs("align", tmp_path / "m16.mrc", adk / "gt_map.mrc", "--out", tmp_path / "x.mrc"), "one box")
     one_line_error(cryogs("flip", tmp_path / "missing.mrc", "--out", tmp_path / "y.mrc"), "missing.mrc")
+
+
+def test_particles_star_from_a_relion30_file_keeps_its_columns(tmp_path, adk):
+    """A RELION 3.0 input (no optics block, origins in pixels) gets an optics block, origins in Å and
+    every other column, and reads back with the same poses."""
+    import starfile
+
+    from cryogs.io.star import write_star_with_poses
+
+    par = starfile.read(adk / "particles.star", always_dict=True)["particles"]
+    par = par.drop(columns=["rlnOpticsGroup", "rlnOriginXAngst", "rlnOriginYAngst"])
+    par["rlnOriginX"], par["rlnOriginY"] = 0.5, -0.5
+    par["rlnDetectorPixelSize"], par["rlnMagnification"] = 3.0, 10000.0
+    par["rlnVoltage"], par["rlnSphericalAberration"], par["rlnAmplitudeContrast"] = 300.0, 2.7, 0.1
+    par["rlnImageSize"], par["rlnMyExtra"] = 32, 7
+    starfile.write({"particles": par}, tmp_path / "p30.star")
+    p = load_star(tmp_path / "p30.star", require_poses=False)
+    names = [f"{i + 1:06d}@{s}" for s, i in p.image_paths]
+    write_star_with_poses(tmp_path / "out.star", p, p.rotations, p.shifts, names)
+    q = load_star(tmp_path / "out.star")
+    assert (q.pixel_size, q.box_size, len(q)) == (3.0, 32, len(p))
+    assert np.allclose(q.rotations, p.rotations, atol=1e-5) and np.allclose(q.shifts, [[1.5, -1.5]] * len(p))
+    columns = starfile.read(tmp_path / "out.star")["particles"].columns
+    assert "rlnMyExtra" in columns and "rlnOriginX" not in columns and "rlnOriginXAngst" in columns
