@@ -16,8 +16,11 @@ from cryogs.errors import CryogsError
 COMMANDS = {
     "simulate": "simulate particle images with known poses from a Gaussian or atomic model",
     "reconstruct": "fit Gaussians to particles with known poses and write the map",
+    "abinitio": "find poses and a first map from particle images alone (ab initio, no reference)",
     "backproject": "voxel baseline: direct Fourier inversion of particles with known poses (CTF Wiener, half maps)",
     "fsc": "Fourier shell correlation between two maps",
+    "align": "align a map onto a reference (rotation, translation, hand), then their FSC",
+    "flip": "mirror a map (flip its hand), keeping its voxel size",
     "demo": "simulate, reconstruct and evaluate the embedded adenylate kinase example",
     "info": "versions, torch build, CUDA extension, cpu backend and GPU",
 }

@@ -101,3 +101,37 @@ def plot_gaussians(path, means: np.ndarray, amplitudes: np.ndarray, box_angstrom
     axes[0].set_title(f"{len(a)} Gaussian centres")
     fig.colorbar(sc, ax=axes, shrink=0.8, label="amplitude (integrated mass)")
     _save(fig, path)
+
+
+def plot_viewing_directions(path, rotations: np.ndarray) -> None:
+    """The particles' viewing directions on the sphere (Hammer projection of (rot, tilt − 90°)), with a
+    2D histogram, so gaps and preferred views show. ``rotations [n, 3, 3]`` are RELION ``A`` matrices;
+    the viewing direction (the projection axis in map coordinates) is their third row."""
+    d = np.asarray(rotations)[:, 2, :]
+    lon = np.arctan2(d[:, 1], d[:, 0])
+    lat = np.arcsin(np.clip(d[:, 2], -1, 1))
+    fig = plt.figure(figsize=(7, 4))
+    ax = fig.add_subplot(111, projection="hammer")
+    h, xe, ye = np.histogram2d(lon, lat, bins=(36, 18), range=[[-np.pi, np.pi], [-np.pi / 2, np.pi / 2]])
+    area = np.cos(0.5 * (ye[1:] + ye[:-1]))[None, :]  # particles per solid angle, not per bin
+    mesh = ax.pcolormesh(xe, ye, (h / area).T, cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, shrink=0.6, label="particles per bin (per unit solid angle)")
+    ax.set_title(f"viewing directions of {len(d)} particles (rot, elevation)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_abinitio_progress(path, history: list[dict]) -> None:
+    """Resolution and mean log-likelihood (per image) of each ab initio iteration."""
+    it = [h["iteration"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(it, [h["resolution_angstrom"] for h in history], "o-", color="tab:blue")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("resolution searched (Å)", color="tab:blue")
+    ax.invert_yaxis()
+    ax2 = ax.twinx()
+    ax2.plot(it, [h["mean_log_likelihood"] for h in history], "s-", color="tab:red")
+    ax2.set_ylabel("mean log-likelihood of the best pose", color="tab:red")
+    ax.grid(alpha=0.3)
+    ax.set_title("ab initio: frequency marching")
+    _save(fig, path)

@@ -143,7 +143,7 @@ def _stack_list(path: Path, datadir: Path | None) -> tuple[list[str], list[str],
 def load_cryodrgn(
     particles_path: str | os.PathLike,
     *,
-    poses: str | os.PathLike,
+    poses: str | os.PathLike | None,
     ctf: str | os.PathLike | None = None,
     pixel_size: float | None = None,
     datadir: str | os.PathLike | None = None,
@@ -192,7 +192,8 @@ def load_cryodrgn(
     stack_id = np.repeat(np.arange(len(stacks), dtype=np.int64), counts)
     stack_index = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
 
-    rot, trans = load_pose_pkl(poses, n)
+    # no poses (ab initio): rotations None and zero shifts
+    rot, trans = load_pose_pkl(poses, n) if poses is not None else (None, None)
 
     ctf_dict = None
     apix = None

@@ -31,7 +31,7 @@ def load_particles(
     * ``.star``: RELION (:func:`load_star`; ``kwargs`` such as ``require_poses``/``optics_groups`` go there);
     * ``.cs``: cryoSPARC (:func:`cryogs.io.cryosparc.load_cs`; ``kwargs`` may give ``box_size``);
     * ``.mrcs``/``.mrc``/``.txt``: a cryoDRGN image stack or list of stacks, which needs ``poses``
-      (a ``pose.pkl``) and takes ``ctf`` (a ``ctf.pkl``) and ``pixel_size``
+      (a ``pose.pkl``; unless ``require_poses=False``) and takes ``ctf`` (a ``ctf.pkl``) and ``pixel_size``
       (:func:`cryogs.io.cryodrgn.load_cryodrgn`).
 
     Then ``ind`` (an index file, :func:`load_indices`) keeps those particles, and ``invert`` /
@@ -51,7 +51,8 @@ def load_particles(
     elif suffix == ".cs":
         particles = load_cs(path, datadir=datadir, **kwargs)
     elif suffix in (".mrcs", ".mrc", ".txt"):
-        if poses is None:
+        require_poses = kwargs.pop("require_poses", True)
+        if poses is None and require_poses:
             raise CryogsError(
                 f"{path}: an image stack needs poses: give a cryoDRGN pose.pkl with --poses (and its ctf.pkl with --ctf)"
             )

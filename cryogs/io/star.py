@@ -7,6 +7,7 @@ reported as :class:`CryogsError` naming the file, the line and the particle.
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -457,3 +458,46 @@ def _add_version_line(tmp: Path) -> None:
     text = text.replace("data_optics", "# version 30001\n\ndata_optics", 1)
     text = text.replace("data_particles", "# version 30001\n\ndata_particles", 1)
     tmp.write_text(text)
+
+
+def write_star_with_poses(path: str | os.PathLike, particles, rotations, shifts, image_names: Sequence[str]) -> None:
+    """The particles' own STAR file (``particles.source``) with new poses, as RELION 3.1, atomically.
+
+    Every column of the source is kept, for the particles of the set (``particles.rows``, in its
+    order); ``_rlnAngleRot/Tilt/Psi`` and ``_rlnOriginX/YAngst`` are written (RELION 3.0's pixel origins
+    ``_rlnOriginX/Y`` are dropped, replaced by the Å ones) and ``_rlnImageName`` gets ``image_names``
+    (the stacks' resolved paths, so the file reads from anywhere). A 3.0 file (no optics block) gets
+    one: the optics columns a 3.1 file needs, per distinct voltage, Cs and amplitude contrast.
+    """
+    path = Path(path)
+    source = Path(particles.source)
+    blocks = _read_blocks(source)
+    pname, pdf = _pick_particles(source, blocks)
+    df = pdf.iloc[np.asarray(particles.rows)].reset_index(drop=True).copy()
+    rot = np.asarray(rotations.detach().cpu().numpy() if hasattr(rotations, "detach") else rotations, dtype=np.float64)
+    sh = np.asarray(shifts.detach().cpu().numpy() if hasattr(shifts, "detach") else shifts, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Gimbal lock")
+        eul = matrix_to_euler(rot).reshape(-1, 3)
+    df = df.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in df.columns])
+    df["rlnImageName"] = list(image_names)
+    for k, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        df[col] = eul[:, k]
+    df["rlnOriginXAngst"], df["rlnOriginYAngst"] = sh[:, 0], sh[:, 1]
+    optics = blocks.get("optics") if pname != "optics" else None
+    if optics is None:  # RELION 3.0: make the optics block, keep the particle columns
+        pixel = particles.pixel_size * particles.box_size / particles.stack_box
+        with tempfile.TemporaryDirectory() as tmpdir:
+            base = Path(tmpdir) / "base.star"
+            write_star(base, None, rot, sh, pixel, particles.stack_box, ctf=particles.ctf, image_names=image_names,
+                       ctf_premultiplied=particles.ctf_premultiplied)
+            made = starfile.read(base, always_dict=True)
+        optics = made["optics"]
+        for col in ("rlnMagnification", "rlnDetectorPixelSize", "rlnVoltage", "rlnSphericalAberration",
+                    "rlnAmplitudeContrast", "rlnImageSize"):
+            if col in df.columns and col in optics.columns:
+                df = df.drop(columns=[col])
+        df["rlnOpticsGroup"] = made["particles"]["rlnOpticsGroup"].to_numpy()
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics, "particles": df}, tmp, float_format="%.6f")
+        _add_version_line(tmp)
