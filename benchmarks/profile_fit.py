@@ -92,7 +92,8 @@ def stages(prof: Profile, wall: float) -> dict[str, float]:
 
 def top_functions(stats: pstats.Stats, n: int = 25) -> str:
     out = io.StringIO()
-    pstats.Stats(stats, stream=out).sort_stats("tottime").print_stats(n)
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(n)
     return out.getvalue()
 
 
