@@ -135,8 +135,9 @@ def simulate(work: Path, n: int, snr: float, box: int, apix: float) -> Path:
     folder = work / f"sim_n{n}_snr{snr:g}_box{box}"
     if not (folder / "particles.star").exists():
         if cryogs(["simulate", str(MODEL), "--out", str(folder), "-n", str(n), "--box", str(box),
-                   "--pixel-size", str(apix), "--snr", str(snr), "--defocus", "10000", "25000",
-                   "--max-shift", "3", "--seed", str(n), "--device", "cpu", "--overwrite"]) != 0:
+                   "--pixel-size", str(apix), *(["--snr", str(snr)] if math.isfinite(snr) else []),
+                   "--defocus", "10000", "25000", "--max-shift", "3", "--seed", str(n), "--device", "cpu",
+                   "--overwrite"]) != 0:
             raise SystemExit("simulation failed")
     return folder
 
