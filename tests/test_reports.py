@@ -218,7 +218,7 @@ def test_one_name_per_concept():
         if "--downsample" in opts:
             assert "target box size in pixels" in opts["--downsample"].help, command
     assert {c for c in COMMANDS if "--pixel-size" in _options(c)} == {"simulate", "reconstruct", "backproject", "fsc",
-                                                                      "demo"}
+                                                                      "demo", "abinitio"}
     parser = build_parser()
     assert parser.parse_args(["simulate", "m.pdb", "--out", "o", "--apix", "3"]).pixel_size == 3.0
     computing = {c for c in COMMANDS if "--device" in _options(c)}  # the long-running commands

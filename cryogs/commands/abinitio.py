@@ -57,8 +57,9 @@ def add_args(parser):
                         help="index file (.pkl, .npy or .txt of 0-based particle indices) selecting a subset")
     parser.add_argument("--invert", action="store_true", help="flip the contrast of the images (multiply by −1)")
     parser.add_argument("--downsample", type=positive_int, default=None, metavar="BOX",
-                        help="Fourier-crop the images to BOX×BOX before everything (the final fit runs at this "
-                             "box; the search at --search-box) (default: the images' box)")
+                        help="target box size in pixels: Fourier-crop the images to BOX×BOX before everything "
+                             "(the final fit runs at this box; the search at --search-box); the pixel size grows "
+                             "by box/BOX (default: the images' box)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: random starts, subsets, fit (default: 0)")
     parser.add_argument("--search-box", type=positive_int, default=32,
                         help="box in pixels the pose search runs at (the images Fourier-cropped to it; its "
