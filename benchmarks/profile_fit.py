@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from time_to_result import simulate  # the same simulated data (benchmarks/ is the script's folder)
 
 from cryogs.cli import main as cryogs
 
 ROOT = Path(__file__).resolve().parent
-MODEL = ROOT.parent / "cryogs" / "data" / "adk_open.pdb"
 
 
 class Profile:
@@ -95,16 +95,6 @@ def top_functions(stats: pstats.Stats, n: int = 25) -> str:
     stats.stream = out
     stats.sort_stats("tottime").print_stats(n)
     return out.getvalue()
-
-
-def simulate(work: Path, n: int, snr: float, box: int, apix: float) -> Path:
-    folder = work / f"sim_n{n}_snr{snr:g}_box{box}"
-    if not (folder / "particles.star").exists():
-        if cryogs(["simulate", str(MODEL), "--out", str(folder), "-n", str(n), "--box", str(box),
-                   "--pixel-size", str(apix), "--snr", str(snr), "--defocus", "10000", "25000",
-                   "--max-shift", "3", "--seed", str(n), "--device", "cpu", "--overwrite"]) != 0:
-            raise SystemExit("simulation failed")
-    return folder
 
 
 def markdown(result: dict) -> str:
