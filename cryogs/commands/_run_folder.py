@@ -127,6 +127,23 @@ class RunFolder:
             folder._check_writable()
         return folder
 
+    def finished_already(self) -> bool:
+        """Whether ``--resume`` found the run finished (said once, by the main process); otherwise the
+        particle file must have been given or recorded."""
+        if self.finished_before:
+            if self.main:
+                print(f"the run in {self.out} has finished; nothing to resume, its outputs are left as they are")
+            return True
+        if self.args.particles is None:
+            raise CryogsError("give the particle file (a STAR, .cs, .mrcs or .txt file), or --resume to continue the "
+                              "run in --out")
+        return False
+
+    def resume_line(self) -> str:
+        """What a resumed run says it took from its run record."""
+        return (f"resuming the run in {self.out} with its recorded settings: "
+                f"{', '.join(self.restored) or 'all options at their defaults'}")
+
     def _restore(self) -> None:
         record_path = self.out / RECORD
         if not record_path.is_file():

@@ -106,16 +106,11 @@ def main(args):
     if args.resume and args.overwrite:
         raise CryogsError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     folder = RunFolder.prepare(args)
-    if folder.finished_before:
-        print(f"the run in {args.out} has finished; nothing to resume, its outputs are left as they are")
+    if folder.finished_already():
         return
-    if args.particles is None:
-        raise CryogsError("give the particle file (a STAR, .cs, .mrcs or .txt file), or --resume to continue the "
-                          "run in --out")
     report = Report(bars=not args.no_progress)
     if args.resume:
-        report.line(f"resuming the run in {args.out} with its recorded settings: "
-                    f"{', '.join(folder.restored) or 'all options at their defaults'}")
+        report.line(folder.resume_line())
     report.line(f"set-up: reading {args.particles}")
     particles = load_particles(args.particles, datadir=args.datadir, ctf=args.ctf, pixel_size=args.pixel_size,
                                ind=args.ind, invert=args.invert, downsample=args.downsample, require_poses=False)

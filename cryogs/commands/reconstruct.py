@@ -252,17 +252,11 @@ def main(args):
     group, device = distributed.init(args.device)
     args.init = _init_words(args.init)
     folder = RunFolder.prepare(args, main=group.is_main)
-    if folder.finished_before:
-        if group.is_main:
-            print(f"the run in {args.out} has finished; nothing to resume, its outputs are left as they are")
+    if folder.finished_already():
         return
-    if args.particles is None:
-        raise CryogsError("give the particle file (a STAR, .cs, .mrcs or .txt file), or --resume to continue the "
-                          "run in --out")
     report = Report(bars=not args.no_progress, enabled=group.is_main)
     if args.resume:
-        report.line(f"resuming the run in {args.out} with its recorded settings: "
-                    f"{', '.join(folder.restored) or 'all options at their defaults'}")
+        report.line(folder.resume_line())
     report.line(f"set-up: reading {args.particles}")
     particles = load_particles_from_args(args)
     config_file = args.out / "config.json"
