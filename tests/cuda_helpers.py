@@ -9,15 +9,30 @@ Gaussians too close are given a slightly different size (and dropped if that doe
 """
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from cryogs import project
+from cryogs.render import _extension
 from cryogs.render.gaussian_math import preprocess
 
 from helpers import random_mixture, random_poses
 
 F64 = torch.float64
 NAMES = ("means", "quats", "scales", "amplitudes", "rotations", "shifts")
+
+
+def cpu_ops_or_skip():
+    """The extension when it holds the cpu backend's ops; else skip, or fail under
+    ``CRYOGS_REQUIRE_EXTENSION=1`` (CI, where the extension is built)."""
+    if _extension.cpu_available():
+        return _extension.module()
+    msg = f"cpu backend ops {_extension.cpu_status()}"
+    if os.environ.get("CRYOGS_REQUIRE_EXTENSION", "") == "1":
+        pytest.fail(f"CRYOGS_REQUIRE_EXTENSION=1 but the {msg}")
+    pytest.skip(msg)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ from cryogs import CryogsError, project, voxelize
 from cryogs.physics.conventions import axis_angle_to_matrix, euler_to_matrix
 from cryogs.render.gaussian_math import CUTOFF_SIGMA, preprocess
 
-from cuda_helpers import guard_cutoff
+from cuda_helpers import cpu_ops_or_skip, guard_cutoff
 from helpers import random_mixture, random_poses
 
 F64 = torch.float64
@@ -265,18 +265,21 @@ def test_invalid_gaussians_and_poses_cover_nothing_and_get_finite_gradients(rng,
         torch.testing.assert_close(t.grad[7:] if t.shape[0] == 10 else t.grad[:1], r.grad)
 
 
-def test_torch_splat_gives_a_zero_amplitude_its_gradient(rng):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_zero_amplitude_gets_its_gradient(rng, backend):
     """A Gaussian of amplitude exactly 0 still has ∂I/∂m = its unit-mass image, as in the dense backend."""
+    if backend == "cpu":
+        cpu_ops_or_skip()
     means, quats, scales, amps = random_mixture(4, rng, spread=3.0)
     amps[1] = 0.0
     rot, shifts = random_poses(2, rng, max_shift=2.0)
     weights = torch.randn(2, 20, 20, generator=rng, dtype=F64)
     grads = {}
-    for backend in ("dense", "torch"):
+    for name in ("dense", backend):
         a = amps.clone().requires_grad_(True)
-        img = project(means, quats, scales, a, rot, shifts, box_size=20, pixel_size=1.5, backend=backend,
+        img = project(means, quats, scales, a, rot, shifts, box_size=20, pixel_size=1.5, backend=name,
                       cutoff=CUTOFF_SIGMA)
         (img * weights).sum().backward()
-        grads[backend] = a.grad
-    assert grads["torch"][1] != 0
-    torch.testing.assert_close(grads["torch"], grads["dense"])
+        grads[name] = a.grad
+    assert grads[backend][1] != 0
+    torch.testing.assert_close(grads[backend], grads["dense"])
