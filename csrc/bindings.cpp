@@ -68,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(None without pose_grads)]");
   m.def("cpu_voxelize_fwd", &cryogs::cpu_voxelize_fwd, py::arg("means"), py::arg("quats"), py::arg("scales"),
         py::arg("amplitudes"), py::arg("box_size"), py::arg("pixel_size"), py::arg("cutoff"), "-> volume [D,D,D]");
+  m.def("cpu_grid_trilinear", &cryogs::cpu_grid_trilinear, py::arg("sums"), py::arg("k"), py::arg("values"),
+        py::arg("Dp"), "Adds values [n, C] at k [n, 3] trilinearly into sums [Dp*Dp*(Dp/2+1), C] (float64, in place)");
   m.def("cpu_has_openmp", &cryogs::cpu_has_openmp, "Whether the CPU ops were compiled with OpenMP");
   m.def("cpu_num_threads", &cryogs::cpu_num_threads, "Threads the CPU ops use now (OpenMP's maximum)");
 

@@ -128,6 +128,10 @@ std::vector<at::Tensor> cpu_project_bwd(const at::Tensor& means, const at::Tenso
 at::Tensor cpu_voxelize_fwd(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                             const at::Tensor& amplitudes, int64_t box_size, double pixel_size, double cutoff);
 
+// Backprojection gridding: adds values [n, C] of samples at k [n, 3] (x, y, z in grid units, x >= 0)
+// trilinearly into sums [Dp * Dp * (Dp/2 + 1), C] (the padded half grid, z, y, x); all float64.
+void cpu_grid_trilinear(const at::Tensor& sums, const at::Tensor& k, const at::Tensor& values, int64_t Dp);
+
 // Whether the CPU ops were compiled with OpenMP, and its thread count now.
 bool cpu_has_openmp();
 int64_t cpu_num_threads();

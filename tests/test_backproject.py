@@ -15,8 +15,11 @@ from cryogs.io.particles import ParticleSet
 from cryogs.model.gaussians import GaussianModel
 from cryogs.physics.conventions import random_rotations
 from cryogs.physics.ctf import apply_ctf, compute_ctf
+from cryogs.reconstruct import backproject as backproject_module
 from cryogs.reconstruct.backproject import (
+    AUTO_START_PIXELS,
     accumulate,
+    automatic_start,
     backproject,
     gaussians_on_backprojection,
     reconstruct,
@@ -26,6 +29,7 @@ from cryogs.reconstruct.backproject import (
 from cryogs.render.project import project, voxelize
 from cryogs.simulate import random_ctf_params, simulate_stack, write_dataset
 
+from cuda_helpers import cpu_ops_or_skip
 from helpers import random_mixture
 
 D, P = 32, 1.5  # box (px) and pixel size (Å)
@@ -229,6 +233,49 @@ def test_start_on_the_backprojection_needs_two_particles(dataset):
     assert len(gaussians_on_backprojection(particles.subset(np.arange(2)), 5)) == 5
     with pytest.raises(CryogsError, match="--init random"):
         gaussians_on_backprojection(particles.subset(np.arange(1)), 5)
+
+
+def test_automatic_start_on_a_resolved_map_and_random_on_noise(dataset):
+    """--init auto: Gaussians on the backprojection when its half maps agree to AUTO_START_PIXELS or
+    finer (the SNR 2 fixture: about 3 px), none (random ones) when they do not agree at all (the same
+    particles' images replaced by pure noise)."""
+    particles = load_particles(dataset["star"])
+    model, why = automatic_start(particles, 20, seed=1)
+    assert len(model) == 20 and why.startswith("on the backprojection")
+    pixels = float(why.split("(")[1].split(" px")[0])
+    assert pixels <= AUTO_START_PIXELS
+
+    noise = np.random.default_rng(5).normal(size=(len(particles), 24, 24)).astype(np.float32)
+    particles.images = lambda idx: noise[np.asarray(idx)]
+    model, why = automatic_start(particles, 20, seed=1)
+    assert model is None and why.startswith("random Gaussians")
+    with pytest.raises(CryogsError, match="--init random"):
+        automatic_start(particles.subset(np.arange(1)), 5)
+
+
+def test_cpu_gridding_matches_the_torch_one(rng):
+    """csrc/grid_cpu.cpp against the eight index_add_ passes, float64: samples anywhere in the half grid,
+    y and z wrapping at both ends, several channels; a sample outside is an error, not a stray write."""
+    ops = cpu_ops_or_skip()
+    Dp, n = 16, 4000
+    nx = Dp // 2 + 1
+    rng = np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=rng)))
+    k = np.stack([rng.uniform(0, Dp / 2 - 1e-9, n), rng.uniform(-Dp / 2, Dp / 2, n), rng.uniform(-Dp, Dp, n)], 1)
+    k[:8, 0] = 0.0  # the kx = 0 plane
+    k[8:16, 1:] = [-Dp / 2, Dp - 1e-9]  # the wrapping edges
+    k, values = torch.from_numpy(k), torch.from_numpy(rng.normal(size=(n, 3)))
+    ours, theirs = (torch.zeros(Dp * Dp * nx, 3, dtype=torch.float64) for _ in range(2))
+    ops.cpu_grid_trilinear(ours, k, values, Dp)
+    backproject_module._splat_torch(theirs, k, values, Dp)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-12)
+    assert ours.abs().sum() > 0
+    outside = k.clone()
+    outside[3, 0] = Dp / 2  # x + 1 beyond the half grid
+    with pytest.raises(RuntimeError, match="outside the half grid"):
+        ops.cpu_grid_trilinear(ours, outside, values, Dp)
+    for bad in (ours.float(), ours[:, :2]):  # dtype, channels
+        with pytest.raises(RuntimeError, match="sums"):
+            ops.cpu_grid_trilinear(bad, k, values, Dp)
 
 
 def test_command_without_half_maps_uses_the_constant_wiener(tmp_path, dataset):

@@ -36,9 +36,11 @@ def test_init_from_pdb_and_from_map(tmp_path, rng):
     assert _config(tmp_path / "map")["n_gaussians"] == 7 == len(GaussianModel.load(tmp_path / "map" / "gaussians.npz"))
 
 
-def test_default_start_is_each_halfs_own_backprojection(tmp_path, rng, monkeypatch):
-    """By default (--init backproject) each half model starts on the backprojection of its own
-    half-set, never of the other half's images (gold standard), and gets --gaussians Gaussians."""
+@pytest.mark.parametrize("init", [[], ["--init", "backproject"]])
+def test_default_start_is_each_halfs_own_backprojection(tmp_path, rng, monkeypatch, init):
+    """By default (--init auto) and with --init backproject each half model starts from the
+    backprojection of its own half-set, never of the other half's images (gold standard), and gets
+    --gaussians Gaussians; metrics.json says whether they were placed on it or at random."""
     from cryogs.reconstruct import backproject
     from cryogs.reconstruct.half_maps import half_split
 
@@ -46,21 +48,24 @@ def test_default_start_is_each_halfs_own_backprojection(tmp_path, rng, monkeypat
     particles = load_particles(files["star"])
     seen = []
 
-    def recording(ps, **kwargs):
+    def recording(ps, seed, **kwargs):
         seen.append(ps.rotations.copy())
-        return original(ps, **kwargs)
-    original = backproject.regularised_backprojection
-    monkeypatch.setattr(backproject, "regularised_backprojection", recording)
+        return original(ps, seed, **kwargs)
+    original = backproject._regularised
+    monkeypatch.setattr(backproject, "_regularised", recording)
     out = tmp_path / "run"
     assert cryogs(["reconstruct", str(files["star"]), "--out", str(out), "--half-maps", "--gaussians", "9",
-                   "--epochs", "1", "--batch-size", "8", "--seed", "3", "--no-progress", "--device", "cpu"]) == 0
+                   "--epochs", "1", "--batch-size", "8", "--seed", "3", "--no-progress", "--device", "cpu",
+                   *init]) == 0
     halves = half_split(particles, seed=3)[:2]
     assert len(seen) == 2
     for rotations, idx in zip(seen, halves):
         np.testing.assert_array_equal(rotations, particles.rotations[idx])
     for k in (1, 2):
-        assert _config(out / f"half{k}")["init"] == "backproject"
+        assert _config(out / f"half{k}")["init"] == (init[1] if init else "auto")
         assert len(GaussianModel.load(out / f"half{k}" / "gaussians.npz")) == 9
+        start = json.loads((out / f"half{k}" / "metrics.json").read_text())["start"]
+        assert start == "given" if init else start in ("given", "random")
 
 
 def test_resume_before_the_first_checkpoint_keeps_the_init(tmp_path, rng):

@@ -40,9 +40,9 @@ def add_args(parser):
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="training epochs (default: from the particle count)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--init", choices=["backproject", "random"], default="backproject",
-                        help="start on the Wiener-filtered backprojection of the particles, or from random Gaussians "
-                             "in the particle sphere (default: backproject, as 'cryogs reconstruct')")
+    parser.add_argument("--init", choices=["auto", "backproject", "random"], default="auto",
+                        help="start on the Wiener-filtered backprojection of the particles, from random Gaussians "
+                             "in the particle sphere, or choose as 'cryogs reconstruct' does (default: auto)")
     add_progress_arg(parser)
     add_compute_args(parser)
 
@@ -52,9 +52,9 @@ def main(args):
 
     from cryogs.analysis.evaluate import compare_maps_files
     from cryogs.commands._run_folder import RunFolder
+    from cryogs.commands.reconstruct import initial_model
     from cryogs.io.load import load_particles
     from cryogs.io.progress import Report
-    from cryogs.reconstruct.backproject import gaussians_on_backprojection
     from cryogs.reconstruct.config import default_config, default_mask_radius
     from cryogs.reconstruct.fit import planned_steps, run_training
     from cryogs.simulate import load_source, simulate_stack, write_dataset
@@ -76,11 +76,10 @@ def main(args):
                                 backend=args.backend, init=args.init)
         report.line(f"reconstructing with {config.n_gaussians} Gaussians (start: {args.init}) for {config.epochs} "
                     f"epochs on {config.device}")
-        initial = None if args.init == "random" else gaussians_on_backprojection(
-            particles, config.n_gaussians, seed=args.seed, device=args.device, progress=report.bars, label="start: ")
+        start = initial_model([args.init], config.n_gaussians, args.seed, args.device, report)
         run_dir = args.out / "reconstruction"
         report.plan(planned_steps(len(particles), config))
-        trainer = run_training(particles, config, run_dir, command=args.command_line, initial=initial,
+        trainer = run_training(particles, config, run_dir, command=args.command_line, initial=start,
                                report=report)
         volume = trainer.volume()
         result = compare_maps_files(volume, particles.pixel_size, files["map"], args.out / "fsc.png",

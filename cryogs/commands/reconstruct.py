@@ -71,7 +71,7 @@ def add_args(parser):
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="the most passes over the particles (default: about 20,000 images per model, 4 to 40 "
                         "epochs; with --half-maps each half is a model); a fit stops sooner once the loss of the "
-                        "10%% of particles it holds out stops falling, then anneals for one epoch on all of them")
+                        "10%% of particles it holds out stops falling, then anneals for up to 3 epochs on all of them")
     parser.add_argument("--no-early-stop", action="store_true",
                         help="run every epoch, holding no particles out (early stopping is also off with "
                              "--refine-poses and for fits of fewer than 640 particles or 4 epochs)")
@@ -82,14 +82,14 @@ def add_args(parser):
     parser.add_argument("--lr-amplitudes", type=positive_float, default=None,
                         help="initial step for the log-amplitudes (default: 0.03)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for initialisation and order (default: 0)")
-    parser.add_argument("--init", nargs="+", default=["backproject"], metavar="KIND [FILE]",
+    parser.add_argument("--init", nargs="+", default=["auto"], metavar="KIND [FILE]",
                         help="initial Gaussians: 'random' (inside the particle sphere), 'backproject' (on a "
                              "Wiener-filtered backprojection of the particles, as 'cryogs backproject' makes; with "
-                             "--half-maps each half's own, so the halves stay independent), 'map MAP' (on a map "
-                             "file) or 'pdb MODEL' (one per residue of a PDB/mmCIF model, mass centre at the box "
-                             "centre). On a map: --gaussians of them, at its peaks and the rest drawn where its "
-                             "density is (default: backproject; better than random on the quality benchmark, "
-                             "see benchmarks/QUALITY.md)")
+                             "--half-maps each half's own, so the halves stay independent), 'auto' (backproject when "
+                             "that map's half maps agree to 6 pixels or finer, random otherwise, as at very low SNR), "
+                             "'map MAP' (on a map file) or 'pdb MODEL' (one per residue of a PDB/mmCIF model, mass "
+                             "centre at the box centre). On a map: --gaussians of them, at its peaks and the rest "
+                             "drawn where its density is (default: auto; see benchmarks/QUALITY.md)")
     parser.add_argument("--max-gaussians", type=positive_int, default=None,
                         help="cap on the number of Gaussians under density control (default: 2 × --gaussians)")
     parser.add_argument("--densify", action="store_true",
@@ -158,22 +158,23 @@ def add_args(parser):
 def _init_words(words: list[str]) -> list:
     """--init's words, checked, with the file of 'map FILE' or 'pdb FILE' as a Path (recorded as an input)."""
     kind, *rest = words
-    if kind in ("random", "backproject") and not rest:
+    if kind in ("random", "backproject", "auto") and not rest:
         return words
     if kind not in ("map", "pdb") or len(rest) != 1:
-        raise CryogsError(f"--init {shlex.join(words)}: use 'random', 'backproject', 'map MAP' or 'pdb MODEL'")
+        raise CryogsError(f"--init {shlex.join(words)}: use 'auto', 'random', 'backproject', 'map MAP' or "
+                          "'pdb MODEL'")
     if not Path(rest[0]).is_file():
         raise CryogsError(f"--init {kind}: {rest[0]} does not exist")
     return [kind, Path(rest[0])]
 
 
-def _initial_model(words, n_gaussians: int, seed: int, device: str, report):
+def initial_model(words, n_gaussians: int, seed: int, device: str, report):
     """The start named by --init ``words``: None for random Gaussians, else a function of the particle set
     a model trains on (all particles, or one half with --half-maps), called only if no checkpoint
     replaces the start."""
     from cryogs.io.atoms import AtomSet
     from cryogs.model.gaussians import GaussianModel
-    from cryogs.reconstruct.backproject import gaussians_on_backprojection
+    from cryogs.reconstruct.backproject import automatic_start, gaussians_on_backprojection
 
     kind, *rest = words
     if kind == "random":
@@ -185,6 +186,15 @@ def _initial_model(words, n_gaussians: int, seed: int, device: str, report):
             return gaussians_on_backprojection(ps, n_gaussians, seed=seed, device=device, progress=report.bars,
                                                label="start: ")
         return backprojection
+    if kind == "auto":  # None (random Gaussians) when the backprojection is too poor to start on
+
+        def automatic(ps):
+            report.line(f"start: backprojecting the {len(ps)} particles")
+            model, why = automatic_start(ps, n_gaussians, seed=seed, device=device, progress=report.bars,
+                                         label="start: ")
+            report.line(f"start: {why}")
+            return model
+        return automatic
     path = Path(rest[0])
 
     def start(ps):
@@ -281,8 +291,8 @@ def main(args):
         config.early_stop = not args.no_early_stop
     mask_radius = _check_inputs(args, particles)
     check_memory(config)
-    initial = _initial_model(shlex.split(config.init), config.n_gaussians, config.seed, config.device, report)
-    if initial is not None and not args.resume and not config.init.startswith("backproject"):
+    initial = initial_model(shlex.split(config.init), config.n_gaussians, config.seed, config.device, report)
+    if initial is not None and not args.resume and shlex.split(config.init)[0] in ("map", "pdb"):
         initial = initial(particles)  # a file's start: read it now, to fail early and to know its N
         config.n_gaussians = len(initial)
     report.line(f"{len(particles)} particles, {particles.box_size} px, {particles.pixel_size:.4g} Å/px; "

@@ -74,10 +74,12 @@ from cryogs.errors import CryogsError
 from cryogs.io.particles import ParticleSet
 
 __all__ = ["PADDING", "FourierSums", "accumulate", "reconstruct", "shell_mean_weight", "wiener_from_fsc",
-           "backproject", "regularised_backprojection", "gaussians_on_backprojection",
+           "backproject", "regularised_backprojection", "gaussians_on_backprojection", "automatic_start",
            "run_backproject"]
 
 PADDING = 2
+#: --init auto starts on the backprojection only when its half maps agree to this many pixels or finer.
+AUTO_START_PIXELS = 6.0
 WEIGHT_FLOOR = 1e-3  # fraction of a shell's mean weight below which an unregularised weight is not trusted
 FSC_CLIP = (1e-3, 0.999)
 R0 = (2 ** 0.5 + np.arcsinh(1.0)) / 6  # mean |q| over the unit cell around q = 0: the zero frequency's ramp weight
@@ -208,7 +210,19 @@ def accumulate(particles: ParticleSet, indices=None, *, device="cpu", batch_size
 
 def _splat(sums: torch.Tensor, k: torch.Tensor, values: torch.Tensor, Dp: int) -> None:
     """Trilinear gridding: add ``values [n, 3]`` of samples at ``k [n, 3]`` (x ≥ 0, grid units) to the
-    flat half grid ``sums [Dp·Dp·(Dp//2+1), 3]``."""
+    flat half grid ``sums [Dp·Dp·(Dp//2+1), 3]``: on the CPU by the extension's ``cpu_grid_trilinear``
+    (``csrc/grid_cpu.cpp``, about 5× faster) when it is built, else by :func:`_splat_torch`."""
+    from cryogs.render import _extension
+
+    ops = _extension.module()
+    if sums.device.type == "cpu" and hasattr(ops, "cpu_grid_trilinear"):
+        ops.cpu_grid_trilinear(sums, k.contiguous(), values.contiguous(), Dp)
+    else:
+        _splat_torch(sums, k, values, Dp)
+
+
+def _splat_torch(sums: torch.Tensor, k: torch.Tensor, values: torch.Tensor, Dp: int) -> None:
+    """:func:`_splat` in torch (any device): eight ``index_add_`` passes, one per neighbouring voxel."""
     nx = Dp // 2 + 1
     k0 = torch.floor(k)
     f = k - k0
@@ -289,23 +303,69 @@ def regularised_backprojection(particles: ParticleSet, *, seed: int = 0, device=
     halves (split by :func:`cryogs.reconstruct.half_maps.half_split` with ``seed``): ``cryogs backproject``'s
     map.mrc. ``reconstruct --init backproject`` calls it on each half-set, so the two half models
     start from independent maps. ``label`` prefixes the bars' labels."""
-    _, sums, halves = _half_sums(particles, seed, label=label, device=device, batch_size=batch_size,
-                                 progress=progress)
-    return reconstruct(sums[0] + sums[1], _wiener_from_halves(sums, halves, particles.pixel_size))
+    return _regularised(particles, seed, device=device, batch_size=batch_size, progress=progress, label=label)[0]
+
+
+def _regularised(particles: ParticleSet, seed: int, *, label: str = "", **opts) -> tuple[np.ndarray, float]:
+    """:func:`regularised_backprojection`, and the resolution (Å) at which its unregularised half maps'
+    unmasked FSC falls to 0.143."""
+    _, sums, halves = _half_sums(particles, seed, label=label, **opts)
+    lam, resolution = _wiener_from_halves(sums, halves, particles.pixel_size)
+    return reconstruct(sums[0] + sums[1], lam), resolution
+
+
+def _wiener_from_halves(sums, halves, pixel_size: float) -> tuple[np.ndarray, float]:
+    """Per-shell ``λ`` from the unmasked FSC of the unregularised half maps (:func:`wiener_from_fsc`),
+    and the resolution (Å) at which that FSC falls to 0.143."""
+    from cryogs.analysis.fsc import fsc, resolution_at
+
+    freqs, unmasked = fsc(halves[0], halves[1], pixel_size=pixel_size)
+    lam = wiener_from_fsc(unmasked, 0.5 * (shell_mean_weight(sums[0]) + shell_mean_weight(sums[1])))
+    return lam, float(resolution_at(freqs, unmasked, 0.143))
+
+
+def _check_start_particles(particles: ParticleSet) -> None:
+    if len(particles) < 2:  # its Wiener filter comes from the FSC of two halves
+        raise CryogsError(f"a start on the backprojection needs at least 2 particles per model, got "
+                          f"{len(particles)}: start from random Gaussians (--init random)")
 
 
 def gaussians_on_backprojection(particles: ParticleSet, n: int, *, seed: int = 0, device="cpu",
                                 progress: bool = False, label: str = ""):
     """``n`` Gaussians on :func:`regularised_backprojection` of ``particles``
-    (:meth:`cryogs.model.gaussians.GaussianModel.from_map`, drawn with ``seed``): the default start of a fit.
+    (:meth:`cryogs.model.gaussians.GaussianModel.from_map`, drawn with ``seed``): ``--init backproject``.
     ``progress`` and ``label`` as for :func:`regularised_backprojection`."""
     from cryogs.model.gaussians import GaussianModel
 
-    if len(particles) < 2:  # its Wiener filter comes from the FSC of two halves
-        raise CryogsError(f"a start on the backprojection needs at least 2 particles per model, got "
-                          f"{len(particles)}: start from random Gaussians (--init random)")
+    _check_start_particles(particles)
     volume = regularised_backprojection(particles, seed=seed, device=device, progress=progress, label=label)
     return GaussianModel.from_map(volume, particles.pixel_size, n, seed=seed)
+
+
+def automatic_start(particles: ParticleSet, n: int, *, seed: int = 0, device="cpu", progress: bool = False,
+                    label: str = ""):
+    """``(model, why)``: the default start (``--init auto``). ``model`` is ``n`` Gaussians on the
+    regularised backprojection of ``particles`` (as :func:`gaussians_on_backprojection`) when its half
+    maps agree, unmasked FSC 0.143, to finer than :data:`AUTO_START_PIXELS` pixels; otherwise None,
+    for random Gaussians in the particle's sphere. ``why`` says which and why, in one line.
+
+    The start's Gaussians are one voxel wide (σ), at the map's maxima and drawn where its density
+    is. On a map that resolves nothing near that size they sit on blurred noise, and a fit from
+    them ends worse than one from random Gaussians. Measured on ADK (box 64, 1.5 Å/px, CTF; the
+    map's own half-map FSC, in pixels, then the FSC 0.5 against the truth after a default fit from
+    each start): 1,000 particles at SNR 0.01, 6.9 px: backprojection start 6.27 Å, random 5.72 Å;
+    2,000 at SNR 0.1, 4.0 px: 3.97 against 4.31 Å; 2,000 at SNR 1, 3.0 px: 3.44 against 3.72 Å.
+    (The half-sets of a ``--half-maps`` run: 12.0, 4.8 and 3.5 px.)
+    """
+    from cryogs.model.gaussians import GaussianModel
+
+    _check_start_particles(particles)
+    volume, resolution = _regularised(particles, seed, device=device, progress=progress, label=label)
+    pixels = resolution / particles.pixel_size
+    agree = f"the backprojection's half maps agree to {resolution:.1f} Å ({pixels:.1f} px)"
+    if pixels > AUTO_START_PIXELS:
+        return None, f"random Gaussians: {agree}, coarser than the {AUTO_START_PIXELS:g} px a start on it needs"
+    return GaussianModel.from_map(volume, particles.pixel_size, n, seed=seed), f"on the backprojection: {agree}"
 
 
 def _half_sums(particles: ParticleSet, seed: int, *, label: str = "", report=None, **opts):
@@ -322,14 +382,6 @@ def _half_sums(particles: ParticleSet, seed: int, *, label: str = "", report=Non
             report.line(f"{label}backprojecting half {k}: {len(idx)} particles ({how})")
         sums.append(accumulate(particles, idx, desc=f"{label}backproject half {k}/2", **opts))
     return (idx1, idx2, how), sums, [reconstruct(s) for s in sums]  # unregularised: the FSC is the data's own
-
-
-def _wiener_from_halves(sums, halves, pixel_size: float) -> np.ndarray:
-    """Per-shell ``λ`` from the unmasked FSC of the unregularised half maps (:func:`wiener_from_fsc`)."""
-    from cryogs.analysis.fsc import fsc
-
-    _, unmasked = fsc(halves[0], halves[1], pixel_size=pixel_size)
-    return wiener_from_fsc(unmasked, 0.5 * (shell_mean_weight(sums[0]) + shell_mean_weight(sums[1])))
 
 
 def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, seed: int = 0,
@@ -372,7 +424,7 @@ def run_backproject(particles: ParticleSet, out_dir, *, half_maps: bool = True, 
         for k, half in enumerate(halves, start=1):
             write_mrc(out / f"half{k}.mrc", half, p)
         if wiener is None:
-            lam = _wiener_from_halves((sums1, sums2), halves, p)
+            lam, _ = _wiener_from_halves((sums1, sums2), halves, p)
             metrics["wiener"] = "per shell from the unmasked half-map FSC"
             metrics["wiener_per_shell"] = lam.tolist()
         else:

@@ -32,7 +32,7 @@ from cryogs.render.project import project, resolve_backend, voxelize
 
 from . import checkpoint
 from .config import TrainConfig
-from .convergence import MIN_EPOCHS, HeldOutRule, heldout_indices
+from .convergence import ANNEAL_EPOCHS, MIN_EPOCHS, HeldOutRule, heldout_indices
 from .distributed import Group
 from .outputs import montage_indices, particle_metrics, write_map_and_model, write_montage, write_refined_star
 from .poses import PoseRefiner, perturb
@@ -101,6 +101,7 @@ class Trainer:
         self.particle_radius = config.init_radius / 0.8  # Å, as default_config estimated it
         self.min_scale = config.min_scale or 0.5 * p
         self.max_scale = config.max_scale or 3 * p
+        self.start = "random" if initial is None else "given"  # for metrics.json (--init auto chooses)
         if initial is None:
             initial = GaussianModel.random(config.n_gaussians, config.init_radius, config.init_scale,
                                            config.total_mass, seed=config.seed)
@@ -121,7 +122,7 @@ class Trainer:
         # the stopping rule's held-out particles (None: every epoch runs); they join for the last epoch
         self.heldout = heldout_for(n, config)
         self.rule = HeldOutRule()
-        self.end_epoch = config.epochs  # moves forward to the annealing epoch once the rule has converged
+        self.end_epoch = config.epochs  # moves forward to the annealing epochs' end once the rule has converged
         self.stop_reason = f"ran all {config.epochs} epochs"
         train = None if self.heldout is None else np.setdiff1d(np.arange(n), self.heldout)
         self.sampler = EpochSampler(n, config.batch_size, seed=config.seed, rank=self.group.rank,
@@ -129,7 +130,7 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = max(1, planned_steps(n, config))
         self.decay = config.final_lr_fraction ** (1 / self.total_steps)
-        self.anneal: tuple[int, float] | None = None  # (first step, factor per step) of the annealing epoch
+        self.anneal: tuple[int, float] | None = None  # (first step, factor per step) of the annealing epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.rotations = torch.as_tensor(particles.rotations, dtype=torch.float32, device=self.device)
         self.shifts = torch.as_tensor(particles.shifts, dtype=torch.float32, device=self.device)
@@ -170,7 +171,7 @@ class Trainer:
 
     def lr_factor(self, step: int) -> float:
         """The learning rates' factor at ``step``: an exponential decay to ``final_lr_fraction`` over the
-        planned steps, or, once the fit has converged, over its one annealing epoch."""
+        planned steps, or, once the fit has converged, over its annealing epochs."""
         if self.anneal is None or step <= self.anneal[0]:
             return self.decay ** step
         start, rate = self.anneal
@@ -201,7 +202,7 @@ class Trainer:
             "density": None if self.density is None else self.density.state_dict(),
             "poses": None if self.poses is None else self.poses.state_dict(), "densify_log": self.densify_log,
             "visited": self.visited, "rule": self.rule.state_dict(), "anneal": self.anneal,
-            "end_epoch": self.end_epoch, "stop_reason": self.stop_reason})
+            "end_epoch": self.end_epoch, "stop_reason": self.stop_reason, "start": self.start})
 
     def resume(self) -> None:
         ck = checkpoint.load(self.checkpoint_path, self.device)
@@ -216,7 +217,7 @@ class Trainer:
             self.poses.load_state_dict(ck["poses"])
         self.epoch, self.batch, self.step_count = ck["epoch"], ck["batch"], ck["step"]
         self.losses, self.seconds, self.densify_log = ck["losses"], ck["seconds"], ck["densify_log"]
-        self.visited = ck["visited"]
+        self.visited, self.start = ck["visited"], ck.get("start", "given")
         self.rule.load_state_dict(ck["rule"])
         if ck["anneal"] is not None:  # converged: its end is set; otherwise the configuration's epochs count
             self.end_epoch, self.stop_reason = ck["end_epoch"], ck["stop_reason"]
@@ -359,7 +360,7 @@ class Trainer:
         return losses.cpu().numpy()
 
     def _start_annealing(self, start: int, rate: float) -> None:
-        """From step ``start`` on, the learning rates fall by ``rate`` per step, over one epoch of every
+        """From step ``start`` on, the learning rates fall by ``rate`` per step, over epochs of every
         particle, the held-out ones included."""
         self.anneal = (start, rate)
         self.sampler.set_population(None)
@@ -372,13 +373,14 @@ class Trainer:
             return
         losses = self.heldout_losses()
         if self.rule.update(self.epoch, losses) and self.epoch + 1 < self.cfg.epochs:
-            steps = math.ceil(len(self.particles) / self.cfg.batch_size)
+            epochs = min(ANNEAL_EPOCHS, self.cfg.epochs - self.epoch)
+            steps = epochs * math.ceil(len(self.particles) / self.cfg.batch_size)
             factor = self.lr_factor(self.step_count)
             self._start_annealing(self.step_count, (self.cfg.final_lr_fraction / factor) ** (1 / steps))
             self.report.plan(-(planned_steps(len(self.particles), self.cfg) - self.step_count - steps))
-            self.end_epoch = self.epoch + 1
-            self.stop_reason = f"{self.rule.reason()} after epoch {self.epoch}; one annealing epoch followed"
-            self.report.line(f"{self.label}{self.stop_reason.split(';')[0]}; the next epoch is the last")
+            self.end_epoch = self.epoch + epochs
+            self.stop_reason = f"{self.rule.reason()} after epoch {self.epoch}; {epochs} annealing epoch(s) followed"
+            self.report.line(f"{self.label}{self.stop_reason.split(';')[0]}; annealing for {epochs} more epoch(s)")
 
     def fit(self) -> None:
         n = len(self.particles)
@@ -473,7 +475,7 @@ class Trainer:
             write_refined_star(self.out / "refined_poses.star", self.particles, *self.refined_poses())
         n_images = self.step_count * self.cfg.batch_size
         metrics = {**particle_metrics(self.particles), "n_gaussians": len(self.model),
-                   "n_gaussians_initial": self.cfg.n_gaussians,
+                   "n_gaussians_initial": self.cfg.n_gaussians, "start": self.start,
                    "epochs": self.epoch, "epochs_planned": self.cfg.epochs, "stop_reason": self.stop_reason,
                    "heldout_particles": 0 if self.heldout is None else len(self.heldout),
                    "heldout_loss": self.rule.history, "backend": self.backend, "device": str(self.device),
