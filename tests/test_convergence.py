@@ -10,7 +10,7 @@ from cryogs.io.load import load_particles
 from cryogs.io.loader import EpochSampler
 from cryogs.reconstruct import convergence
 from cryogs.reconstruct.config import default_config
-from cryogs.reconstruct.convergence import HeldOutRule, heldout_indices
+from cryogs.reconstruct.convergence import ANNEAL_EPOCHS, MIN_EPOCHS, HeldOutRule, heldout_indices
 from cryogs.reconstruct.fit import planned_steps, run_training
 
 from test_resume import tiny_dataset
@@ -85,9 +85,9 @@ def test_rule_state_round_trips():
 @pytest.mark.statistical
 def test_noisy_fit_stops_early_anneals_on_every_particle_and_resumes_exactly(tmp_path, rng):
     """Statistical (seeded: see the ``statistical`` marker). 700 noisy images of a small mixture
-    (SNR 0.05): the held-out loss stops falling long before 30 epochs. The last epoch trains on all
-    700 particles with the learning rates falling to their final value, and a run stopped during that
-    epoch resumes to the same model."""
+    (SNR 0.05): the held-out loss stops falling long before 30 epochs. The last ANNEAL_EPOCHS epochs
+    train on all 700 particles with the learning rates falling to their final value, and a run
+    stopped during them resumes to the same model."""
     files = tiny_dataset(tmp_path / "data", rng, n_particles=700, box=12, snr=0.05)
     particles = load_particles(files["star"])
     config = default_config(particles, epochs=30, batch_size=64, n_gaussians=12)
@@ -95,16 +95,18 @@ def test_noisy_fit_stops_early_anneals_on_every_particle_and_resumes_exactly(tmp
     assert len(trainer.heldout) == 70
     assert trainer.epoch < 30 and trainer.epoch == trainer.end_epoch
     assert trainer.stop_reason.startswith("converged")
+    fired = trainer.epoch - ANNEAL_EPOCHS  # the epoch after which the rule fired
+    assert fired >= MIN_EPOCHS
     last = math.ceil(700 / 64)
-    assert trainer.step_count == (trainer.epoch - 1) * math.ceil(630 / 64) + last
+    assert trainer.step_count == fired * math.ceil(630 / 64) + ANNEAL_EPOCHS * last
     lr0 = 0.5 * particles.pixel_size
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * config.final_lr_fraction, rel=1e-6)
-    assert [r["epoch"] for r in trainer.rule.history] == list(range(trainer.epoch))
+    assert [r["epoch"] for r in trainer.rule.history] == list(range(fired + 1))
     assert planned_steps(700, config) == 29 * math.ceil(630 / 64) + last
 
-    # the same run, killed two steps into its annealing epoch, then resumed
+    # the same run, killed two steps into its annealing epochs, then resumed
     config2 = default_config(particles, epochs=30, batch_size=64, n_gaussians=12, checkpoint_every=1)
-    stop_at = trainer.step_count - last + 2
+    stop_at = trainer.step_count - ANNEAL_EPOCHS * last + 2
 
     class Killed(Exception):
         pass

@@ -16,8 +16,15 @@ The rule: after each epoch ``e`` (from :data:`MIN_EPOCHS` on), the improvement `
 :data:`SPAN` epochs (mean over held-out images of their loss after epoch ``e − SPAN``, or at the
 start, minus their loss now) is compared with its standard error ``SE``. The fit has converged once
 ``Δ ≤ Z·SE``: over several epochs the data no longer show that the model improves. The fit then
-ends with one epoch whose learning rate falls to the schedule's final value, on all particles, the
-held-out ones included.
+ends with :data:`ANNEAL_EPOCHS` epochs (fewer if the budget ends sooner) whose learning rate falls
+to the schedule's final value, on all particles, the held-out ones included.
+
+Why several annealing epochs: a rule that fires early leaves the learning rate high, and the map
+then carries the optimiser's step noise, which the annealing averages away; more steps at falling
+rates average more. On 1,000 ADK particles at SNR 0.01 (box 64, 1.5 Å, CTF, random start, seeds
+0–3; the rule fired after epochs 4–6) one annealing epoch ended at correlations 0.968–0.971 with
+the truth and FSC 0.5 of 5.66–6.09 Å (mean 5.82), three at 0.972–0.973 and 5.69–5.88 Å (mean 5.75),
+for about 2 s more; a plain Adam fit over a fixed 8-epoch schedule reached 0.972 and 5.62 Å.
 
 Why several epochs: late in a fit the held-out loss falls by about its standard error per epoch
 while the map still sharpens. On the demo's 1,000 CTF-free particles (48 px, SNR 1), epoch-to-epoch
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["heldout_indices", "HeldOutRule"]
+__all__ = ["heldout_indices", "HeldOutRule", "ANNEAL_EPOCHS"]
 
 #: Fraction of the particles held out, and its bounds (fewer than HELDOUT_MIN: no rule).
 HELDOUT_FRACTION, HELDOUT_MIN, HELDOUT_MAX = 0.1, 64, 512
@@ -43,6 +50,8 @@ Z = 2.0
 SPAN = 3
 #: Epochs always trained before the rule may stop a fit.
 MIN_EPOCHS = 3
+#: Epochs of falling learning rate after the rule has fired.
+ANNEAL_EPOCHS = 3
 
 
 def heldout_indices(n: int, seed: int) -> np.ndarray | None:
