@@ -126,6 +126,9 @@ def test_killed_run_resumes_and_recovers_poses_and_map(tmp_path, adk):
     assert resolution_at(f, c, 0.5) < 14
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_particles"] == 400 and "mirror" in metrics["handedness"]
+    # the search before the kill counts in the total, not in this invocation's wall time
+    assert metrics["seconds_all_invocations"] > metrics["search_seconds"] > 0
+    assert metrics["search_iterations"][-1]["seconds"] == pytest.approx(metrics["search_seconds"])
     for name in ("viewing_directions.png", "abinitio.png", "slices.png", "montage.png", "gaussians.npz"):
         assert (out / name).is_file()
     again = cryogs("abinitio", "--out", out, "--resume")

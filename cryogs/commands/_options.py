@@ -103,17 +103,21 @@ def add_progress_arg(parser) -> None:
                              "terminal (a log file)")
 
 
-def add_particle_args(parser, *, resumable: bool = False) -> None:
+def add_particle_args(parser, *, resumable: bool = False, poses: bool = True) -> None:
     """The particle input: the positional particle file and the options that locate and select the images.
-    With ``resumable`` the file may be left out with --resume (the run record names it)."""
+    With ``resumable`` the file may be left out with --resume (the run record names it); without
+    ``poses`` (ab initio) poses in the file are ignored and there is no --poses."""
+    what = "particles with poses" if poses else "particle images (poses in them are ignored)"
+    stack = "with --poses" if poses else "with --ctf"
     parser.add_argument("particles", type=Path, nargs="?" if resumable else None,
-                        help="particles with poses: a RELION STAR file (3.0, 3.1 or 5), a cryoSPARC .cs file, or a "
-                             "cryoDRGN-style .mrcs stack / .txt list of stacks (with --poses)"
+                        help=f"{what}: a RELION STAR file (3.0, 3.1 or 5), a cryoSPARC .cs file, or a "
+                             f"cryoDRGN-style .mrcs stack / .txt list of stacks ({stack})"
                              + ("; may be left out with --resume" if resumable else ""))
     parser.add_argument("--datadir", type=Path, default=None,
                         help="folder to find the stacks in (default: paths relative to the particle file)")
-    parser.add_argument("--poses", type=Path, default=None,
-                        help="cryoDRGN pose.pkl, (rot, trans) or rotations only; needed for .mrcs/.txt input")
+    if poses:
+        parser.add_argument("--poses", type=Path, default=None,
+                            help="cryoDRGN pose.pkl, (rot, trans) or rotations only; needed for .mrcs/.txt input")
     parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl for .mrcs/.txt input")
     add_pixel_size_arg(parser, default=None,
                        help="pixel size in Å for .mrcs/.txt input when no ctf.pkl gives it")
@@ -127,15 +131,18 @@ def add_particle_args(parser, *, resumable: bool = False) -> None:
                              "particles); the pixel size grows by box/BOX (default: the images' box)")
 
 
-def load_particles_from_args(args):
-    """Load and check the particles named by the options of ``add_particle_args``; returns a ParticleSet."""
+def load_particles_from_args(args, *, poses: bool = True):
+    """Load and check the particles named by the options of ``add_particle_args`` (with the same
+    ``poses``: without, poses are not needed and those in the file are dropped); returns a ParticleSet."""
     from cryogs.io.load import load_particles
 
     extra = {} if args.optics_groups is None else {"optics_groups": args.optics_groups}
-    particles = load_particles(args.particles, datadir=args.datadir, poses=args.poses, ctf=args.ctf,
-                               pixel_size=args.pixel_size, ind=args.ind, invert=args.invert,
-                               downsample=args.downsample, **extra)
+    particles = load_particles(args.particles, datadir=args.datadir, poses=args.poses if poses else None,
+                               ctf=args.ctf, pixel_size=args.pixel_size, ind=args.ind, invert=args.invert,
+                               downsample=args.downsample, require_poses=poses, **extra)
     particles.check_stacks()
+    if not poses and particles.rotations is not None:
+        print("note: the poses in the particle file are ignored: ab initio finds its own")
     if particles.ctf is None:
-        print("note: the particles carry no defocus values, so they are reconstructed without a CTF")
+        print("note: the particles carry no defocus values, so no CTF is applied")
     return particles

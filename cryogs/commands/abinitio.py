@@ -29,14 +29,14 @@ Examples:
   cryogs abinitio --out ab1 --resume
 """
 import json
-from pathlib import Path
 
 from cryogs.commands._options import (
     add_compute_args,
     add_output_args,
-    add_pixel_size_arg,
+    add_particle_args,
     add_progress_arg,
     fraction,
+    load_particles_from_args,
     positive_float,
     positive_int,
 )
@@ -44,22 +44,8 @@ from cryogs.errors import CryogsError
 
 
 def add_args(parser):
-    parser.add_argument("particles", type=Path, nargs="?",
-                        help="particle images: a RELION STAR file (3.0, 3.1 or 5), a cryoSPARC .cs file, or a "
-                             "cryoDRGN-style .mrcs stack / .txt list of stacks (with --ctf); poses in it are "
-                             "ignored; may be left out with --resume")
+    add_particle_args(parser, resumable=True, poses=False)
     add_output_args(parser)
-    parser.add_argument("--datadir", type=Path, default=None,
-                        help="folder to find the stacks in (default: paths relative to the particle file)")
-    parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl for .mrcs/.txt input")
-    add_pixel_size_arg(parser, default=None, help="pixel size in Å for .mrcs/.txt input when no ctf.pkl gives it")
-    parser.add_argument("--ind", type=Path, default=None,
-                        help="index file (.pkl, .npy or .txt of 0-based particle indices) selecting a subset")
-    parser.add_argument("--invert", action="store_true", help="flip the contrast of the images (multiply by −1)")
-    parser.add_argument("--downsample", type=positive_int, default=None, metavar="BOX",
-                        help="target box size in pixels: Fourier-crop the images to BOX×BOX before everything "
-                             "(the final fit runs at this box; the search at --search-box); the pixel size grows "
-                             "by box/BOX (default: the images' box)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: random starts, subsets, fit (default: 0)")
     parser.add_argument("--search-box", type=positive_int, default=32,
                         help="box in pixels the pose search runs at (the images Fourier-cropped to it; its "
@@ -97,7 +83,6 @@ def main(args):
 
     from cryogs.commands._run_folder import RunFolder
     from cryogs.io.atomic import write_json
-    from cryogs.io.load import load_particles
     from cryogs.io.progress import Report
     from cryogs.reconstruct.abinitio import AbinitioConfig, FitPlan, run_abinitio
     from cryogs.reconstruct.config import estimate_extent
@@ -112,13 +97,7 @@ def main(args):
     if args.resume:
         report.line(folder.resume_line())
     report.line(f"set-up: reading {args.particles}")
-    particles = load_particles(args.particles, datadir=args.datadir, ctf=args.ctf, pixel_size=args.pixel_size,
-                               ind=args.ind, invert=args.invert, downsample=args.downsample, require_poses=False)
-    particles.check_stacks()
-    if particles.rotations is not None:
-        print("note: the poses in the particle file are ignored: ab initio finds its own")
-    if particles.ctf is None:
-        print("note: the particles carry no defocus values, so the search and fit use no CTF")
+    particles = load_particles_from_args(args, poses=False)
     if len(particles) < 10:
         raise CryogsError(f"{args.particles}: {len(particles)} particles are too few for ab initio (at least 10)")
     if particles.box_size < 16:

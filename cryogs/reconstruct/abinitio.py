@@ -556,6 +556,7 @@ class Search:
         rng = np.random.default_rng([cfg.seed, 5])
         subset = torch.from_numpy(np.sort(rng.choice(n, size=min(n, cfg.start_particles), replace=False)))
         t0 = time.perf_counter() - state.seconds
+        bar = self.report.bar("ab initio search", cfg.starts + cfg.iterations, state.start + state.iteration)
         if state.stage == "starts":
             while state.start < cfg.starts:
                 k = state.start
@@ -574,6 +575,7 @@ class Search:
                     state.best_start_volume = vol
                 state.start += 1
                 state.seconds = time.perf_counter() - t0
+                bar.update(1)
                 self.report.line(f"random start {k + 1}/{cfg.starts}: residual {resid / self._power(subset, r):.4f} "
                                  f"of the images' power at {self.res[0]:.0f} Å")
                 save(state)
@@ -605,6 +607,7 @@ class Search:
             state.volume = ref_vol
             state.iteration += 1
             state.seconds = time.perf_counter() - t0
+            bar.update(1)
             state.history.append({"iteration": it + 1, "resolution_angstrom": res, "global": global_, "soft": soft,
                                   "mean_log_likelihood": ll, "noise_variance": v, "gaussians": len(model),
                                   "median_pose_change_degrees": moved, "seconds": state.seconds})
@@ -613,6 +616,7 @@ class Search:
                              + (f", {len(model)} Gaussians" if cfg.gaussians else "")
                              + (f", poses moved {moved:.1f}° (median)" if moved is not None else ""))
             save(state)
+        bar.close()
         state.stage = "done"
         return state
 
@@ -730,8 +734,12 @@ def run_abinitio(particles: ParticleSet, cfg: AbinitioConfig, plan: FitPlan, out
                       "the mirror of the true one (cryogs flip, cryogs align)",
         "abinitio_config": asdict(cfg),
     }
+    t_outputs = time.perf_counter()
     metrics = trainer.write_outputs(metrics)
     (out / "refined_poses.star").unlink(missing_ok=True)  # particles.star holds them, with the input columns
-    metrics["wall_seconds"] = time.perf_counter() - t0  # of this invocation (a resumed run: since the resume)
+    now = time.perf_counter()
+    metrics["wall_seconds"] = now - t0  # of this invocation (a resumed run: since the resume)
+    # over every invocation, a killed and resumed run included (each one's set-up excepted)
+    metrics["seconds_all_invocations"] = search_seconds + trainer.seconds + (now - t_outputs)
     write_json(out / "metrics.json", metrics)
     return metrics
