@@ -9,7 +9,8 @@ runs with its defaults and is scored by:
 * the FSC at 0.5 (and 0.143) of its map against the ground truth after rigid alignment over both hands
   (:func:`cryogs.analysis.align.align_maps`), soft spherical mask of radius 0.45 of the box;
 * its wall time; with ``--two-step`` also the FSC of ``cryogs reconstruct DIR/particles.star
-  --refine-poses --half-maps`` (the README's recipe) after alignment, and its time.
+  --refine-poses --half-maps`` (the README's recipe) after alignment, and its time, beside
+  ``cryogs reconstruct --half-maps`` on the simulation's true poses (the recipe's target).
 
 Peer methods (ASPIRE, cryoDRGN ``abinit_homo``) are optional: they run only if importable, and are
 recorded as not installed otherwise.
@@ -133,6 +134,20 @@ def main() -> None:
                 print(row2, flush=True)
                 rows = [r for r in rows if not (r["images"] == n and r["snr"] == snr and r["seed"] == args.seed
                                                 and r["method"] == row2["method"])] + [row2]
+                # the target of the recipe: the same command with the true poses, on the same data
+                known = args.work / f"known_{n}_{snr:g}_s{args.seed}"
+                shutil.rmtree(known, ignore_errors=True)
+                t0 = time.perf_counter()
+                rc3 = cryogs(["reconstruct", str(sim / "particles.star"), "--out", str(known), "--half-maps",
+                              "--device", args.device, "--no-progress"])
+                row3 = {"images": n, "snr": snr, "seed": args.seed, "method": "known poses (reconstruct --half-maps)",
+                        "exit": rc3,
+                        "wall_seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+                if rc3 == 0:
+                    row3.update(score(known, sim, star_name="none"))
+                print(row3, flush=True)
+                rows = [r for r in rows if not (r["images"] == n and r["snr"] == snr and r["seed"] == args.seed
+                                                and r["method"] == row3["method"])] + [row3]
                 save(results_file, rows, peers)
             save(results_file, rows, peers)
     write_table(rows, peers, results_file.with_suffix(".md"))

@@ -4,12 +4,14 @@ In one process and on the same particles, each method's map is scored against th
 (FSC at 0.5 and 0.143 inside the commands' automatic mask, and the correlation) after every epoch,
 with the wall time it took so far (the scoring itself excluded). Methods:
 
-* ``default``: ``cryogs reconstruct``'s fit of one model on all particles (backprojection start,
-  early stopping; its set-up, the start included, counts);
+* ``default``: ``cryogs reconstruct``'s fit of one model on all particles (``--init auto``: on the
+  backprojection, or random when that map is too poor; early stopping; its set-up, the start
+  included, counts);
 * ``fixed``: the same with ``--no-early-stop``: the whole epoch budget, to show what the stop gave up;
 * ``coarse``: the default with ``--coarse 0.3``;
-* ``before``: the fit as it was before the stopping rule and the ``cpu`` backend (every planned
-  epoch, the ``torch`` splat): today's time, for the targets that compare with it;
+* ``before``: the fit as it was before the stopping rule, the ``cpu`` backend and the automatic
+  start (every planned epoch, the ``torch`` splat, the backprojection start): today's time, for
+  the targets that compare with it;
 * ``plain-adam``: the comparator, a plain fit written here in a few lines: 1,500 Gaussians at random
   in the particle's sphere, Adam, 8 epochs, the squared error through the CTF, nothing else;
 * ``backproject``: ``cryogs backproject``'s Wiener-filtered map of all particles (one point).
@@ -44,7 +46,7 @@ from cryogs.cli import main as cryogs  # noqa: E402
 from cryogs.io.load import load_particles  # noqa: E402
 from cryogs.io.mrc import read_mrc  # noqa: E402
 from cryogs.physics.ctf import apply_ctf, particle_ctf  # noqa: E402
-from cryogs.reconstruct.backproject import gaussians_on_backprojection, regularised_backprojection  # noqa: E402
+from cryogs.reconstruct import backproject  # noqa: E402
 from cryogs.reconstruct.config import default_config, default_mask_radius, estimate_extent  # noqa: E402
 from cryogs.reconstruct.fit import run_training  # noqa: E402
 from cryogs.render.project import project, voxelize  # noqa: E402
@@ -70,11 +72,15 @@ def score(volume, truth, pixel_size, mask) -> dict:
             "correlation": m["correlation"]}
 
 
-def run_cryogs(particles, truth, mask, work: Path, **overrides) -> dict:
-    """A default fit (plus ``overrides``), scored after every epoch."""
+def run_cryogs(particles, truth, mask, work: Path, init: str = "auto", **overrides) -> dict:
+    """A default fit (plus ``overrides``; ``init`` 'auto' or 'backproject'), scored after every epoch."""
     clock, points = Clock(), []
     config = default_config(particles, **overrides)
-    start = gaussians_on_backprojection(particles, config.n_gaussians, seed=config.seed)
+    if init == "auto":
+        start, why = backproject.automatic_start(particles, config.n_gaussians, seed=config.seed)
+    else:
+        start = backproject.gaussians_on_backprojection(particles, config.n_gaussians, seed=config.seed)
+        why = "backproject"
 
     def follow(trainer):
         t, paused = clock.now(), time.perf_counter()
@@ -83,7 +89,7 @@ def run_cryogs(particles, truth, mask, work: Path, **overrides) -> dict:
         clock.paused += time.perf_counter() - paused
 
     trainer = run_training(particles, config, work, initial=start, progress=False, on_epoch=follow)
-    return {"points": points, "epochs": trainer.epoch, "epochs_planned": config.epochs,
+    return {"points": points, "start": why, "epochs": trainer.epoch, "epochs_planned": config.epochs,
             "stop_reason": trainer.stop_reason, "n_gaussians": len(trainer.model)}
 
 
@@ -127,7 +133,7 @@ def run_plain_adam(particles, truth, mask, *, n_gaussians=1500, epochs=8, batch_
 
 def run_backproject(particles, truth, mask) -> dict:
     clock = Clock()
-    volume = regularised_backprojection(particles)
+    volume = backproject.regularised_backprojection(particles)
     return {"points": [{"seconds": clock.now(), "epoch": None, **score(volume, truth, particles.pixel_size, mask)}]}
 
 
@@ -207,7 +213,7 @@ def main(argv=None) -> None:
             r = run_backproject(particles, truth, mask)
         else:
             extra = {"fixed": {"early_stop": False}, "coarse": {"coarse": 0.3},
-                     "before": {"early_stop": False, "backend": "torch"}}.get(method, {})
+                     "before": {"early_stop": False, "backend": "torch", "init": "backproject"}}.get(method, {})
             r = run_cryogs(particles, truth, mask, work, **extra)
         result["methods"][method] = r
         last = r["points"][-1]

@@ -362,10 +362,11 @@ def automatic_start(particles: ParticleSet, n: int, *, seed: int = 0, device="cp
     _check_start_particles(particles)
     volume, resolution = _regularised(particles, seed, device=device, progress=progress, label=label)
     pixels = resolution / particles.pixel_size
-    agree = f"the backprojection's half maps agree to {resolution:.1f} Å ({pixels:.1f} px)"
+    agree = f"half maps agree to {resolution:.1f} Å ({pixels:.1f} px)"
     if pixels > AUTO_START_PIXELS:
-        return None, f"random Gaussians: {agree}, coarser than the {AUTO_START_PIXELS:g} px a start on it needs"
-    return GaussianModel.from_map(volume, particles.pixel_size, n, seed=seed), f"on the backprojection: {agree}"
+        return None, (f"random Gaussians: the backprojection's {agree}, coarser than the {AUTO_START_PIXELS:g} px "
+                      "a start on it needs")
+    return GaussianModel.from_map(volume, particles.pixel_size, n, seed=seed), f"on the backprojection, whose {agree}"
 
 
 def _half_sums(particles: ParticleSet, seed: int, *, label: str = "", report=None, **opts):

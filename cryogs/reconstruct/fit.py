@@ -379,8 +379,9 @@ class Trainer:
             self._start_annealing(self.step_count, (self.cfg.final_lr_fraction / factor) ** (1 / steps))
             self.report.plan(-(planned_steps(len(self.particles), self.cfg) - self.step_count - steps))
             self.end_epoch = self.epoch + epochs
-            self.stop_reason = f"{self.rule.reason()} after epoch {self.epoch}; {epochs} annealing epoch(s) followed"
-            self.report.line(f"{self.label}{self.stop_reason.split(';')[0]}; annealing for {epochs} more epoch(s)")
+            more = f"{epochs} annealing epoch{'s' if epochs > 1 else ''}"
+            self.stop_reason = f"{self.rule.reason()} after epoch {self.epoch}; {more} followed"
+            self.report.line(f"{self.label}{self.stop_reason.split(';')[0]}; {more} follow")
 
     def fit(self) -> None:
         n = len(self.particles)
