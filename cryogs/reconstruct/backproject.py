@@ -211,7 +211,7 @@ def accumulate(particles: ParticleSet, indices=None, *, device="cpu", batch_size
 def _splat(sums: torch.Tensor, k: torch.Tensor, values: torch.Tensor, Dp: int) -> None:
     """Trilinear gridding: add ``values [n, 3]`` of samples at ``k [n, 3]`` (x ≥ 0, grid units) to the
     flat half grid ``sums [Dp·Dp·(Dp//2+1), 3]``: on the CPU by the extension's ``cpu_grid_trilinear``
-    (``csrc/grid_cpu.cpp``, about 5× faster) when it is built, else by :func:`_splat_torch`."""
+    (``csrc/grid_cpu.cpp``, about 3× faster) when it is built, else by :func:`_splat_torch`."""
     from cryogs.render import _extension
 
     ops = _extension.module()
@@ -346,7 +346,7 @@ def automatic_start(particles: ParticleSet, n: int, *, seed: int = 0, device="cp
                     label: str = ""):
     """``(model, why)``: the default start (``--init auto``). ``model`` is ``n`` Gaussians on the
     regularised backprojection of ``particles`` (as :func:`gaussians_on_backprojection`) when its half
-    maps agree, unmasked FSC 0.143, to finer than :data:`AUTO_START_PIXELS` pixels; otherwise None,
+    maps agree, unmasked FSC 0.143, to :data:`AUTO_START_PIXELS` pixels or finer; otherwise None,
     for random Gaussians in the particle's sphere. ``why`` says which and why, in one line.
 
     The start's Gaussians are one voxel wide (σ), at the map's maxima and drawn where its density
