@@ -46,7 +46,8 @@ import numpy as np
 # for ADK (a ~50 Å particle) at 3 Å/px that loses the common lines' precision: noise-free, raw images,
 # CLSyncVoting, median error 14.2° at 32 px against 3.3° at 64 px; on 2,000 particles at SNR 1 the
 # 32 px / n_theta 72 pipeline gave 11.1° and FSC(0.5) 22.7 Å in 132 s, the 64 px / n_theta 360 one
-# (CLSyncVoting's own default n_theta) 5.9° and 7.2 Å in 558 s. So: no downsampling, n_theta 360.
+# (CLSyncVoting's own default n_theta) 5.9° and 7.2 Å in 558 s (SNR 0.1: 18.0° / 22.5 Å in 194 s
+# against 12.4° / 11.2 Å in 548 s). So: no downsampling, n_theta 360.
 # n_classes 300 averages of n_nbor 20 neighbours (the simulated gallery uses n_nbor 10 on 10,000
 # images; 2,000 images at SNR down to 0.1 want more averaging). CLSyncVoting rather than CLSync3N
 # (the 10028 gallery's choice): CLSync3N's J-synchronisation took about 6 minutes per power
