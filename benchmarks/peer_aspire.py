@@ -64,6 +64,8 @@ def to_relion(rotations: np.ndarray) -> np.ndarray:
     (97.5 % within 10°) for the transposes against 81.7° for the raw matrices; among all 48 signed axis
     permutations applied on the image side, of the raw matrices and of their transposes, only the plain
     transpose (and its mirror, absorbed by pose_errors) comes out below 70° (on the 32 px images: 14.2°).
+    The whole pipeline on the same 500 noise-free particles (100 averages of 10, no whitening): 7.0°,
+    74 % within 10°, FSC(0.5) 7.3 Å, 100 s.
     """
     return np.transpose(rotations, (0, 2, 1)) if CONVENTION == "transpose" else np.asarray(rotations)
 
