@@ -12,8 +12,12 @@ runs with its defaults and is scored by:
   --refine-poses --half-maps`` (the README's recipe) after alignment, and its time, beside
   ``cryogs reconstruct --half-maps`` on the simulation's true poses (the recipe's target).
 
-Peer methods (ASPIRE, cryoDRGN ``abinit_homo``) are optional: they run only if importable, and are
-recorded as not installed otherwise.
+Peer method: ASPIRE's common-lines pipeline (``benchmarks/peer_aspire.py``: class averages, common
+lines, mean estimator), an optional dependency that lives in its own virtual environment
+(``python -m venv /tmp/peer && /tmp/peer/bin/pip install aspire``): ``--aspire-python
+/tmp/peer/bin/python`` runs it on the same data in the same invocation, scored the same way, but its
+poses are those of its class averages (against the true pose of each average's reference
+particle), not of every particle. cryoDRGN's ``abinit_homo`` is not wired in.
 
 Writes ``benchmarks/results/abinitio_<tag>.json`` (rows merged: a rerun replaces the rows it repeats)
 and the table ``benchmarks/results/abinitio_<tag>.md``.
@@ -21,15 +25,18 @@ and the table ``benchmarks/results/abinitio_<tag>.md``.
 Examples:
   python benchmarks/abinitio.py --images 2000 --snr 1 0.1               # the CPU rows
   python benchmarks/abinitio.py --images 2000 5000 --snr inf 1 0.1 0.05 --two-step
+  python benchmarks/abinitio.py --images 2000 --snr 1 0.1 --reuse --aspire-python /tmp/peer/bin/python
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
+import os
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +93,8 @@ def main() -> None:
                     help="--epochs for the recipe's reconstruct (default: its own, about 20 per half on 2k images)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep an ab initio run that finished in an earlier invocation (e.g. to add --two-step)")
+    ap.add_argument("--aspire-python", type=Path, default=None,
+                    help="interpreter of a virtual environment with ASPIRE installed: also run the peer")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cryogs_abinitio_bench"))
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--device", default="auto")
@@ -94,8 +103,8 @@ def main() -> None:
     results_file = ROOT / "results" / f"abinitio_{args.tag}.json"
     rows = [{**r, "snr": float(r["snr"])} for r in json.loads(results_file.read_text())["rows"]] \
         if results_file.exists() else []
-    peers = {name: importlib.util.find_spec(mod) is not None for name, mod in
-             (("ASPIRE", "aspire"), ("cryoDRGN abinit_homo", "cryodrgn"))}
+    peers = {"ASPIRE": args.aspire_python is not None or any(r["method"].startswith("ASPIRE") for r in rows),
+             "cryoDRGN abinit_homo": False}
     for n in args.images:
         for snr in args.snr:
             sim = simulate(args.work / f"sim_{n}_{snr:g}", n, snr, seed=1000 + args.seed)
@@ -149,8 +158,34 @@ def main() -> None:
                 rows = [r for r in rows if not (r["images"] == n and r["snr"] == snr and r["seed"] == args.seed
                                                 and r["method"] == row3["method"])] + [row3]
                 save(results_file, rows, peers)
+            if args.aspire_python is not None:
+                row4 = run_aspire(args.aspire_python, sim, args.work / f"aspire_{n}_{snr:g}_s{args.seed}", args.seed)
+                row4.update(images=n, snr=snr, seed=args.seed)
+                print(row4, flush=True)
+                rows = [r for r in rows if not (r["images"] == n and r["snr"] == snr and r["seed"] == args.seed
+                                                and r["method"] == row4["method"])] + [row4]
             save(results_file, rows, peers)
     write_table(rows, peers, results_file.with_suffix(".md"))
+
+
+def run_aspire(python: Path, sim: Path, out: Path, seed: int) -> dict:
+    """ASPIRE's pipeline (``peer_aspire.py`` under its own interpreter) on ``sim``, scored like cryogs."""
+    sys.path.insert(0, str(ROOT))
+    from peer_aspire import score_aspire
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(python), str(ROOT / "peer_aspire.py"), "--star", str(sim / "particles.star"),
+                           "--out", str(out), "--seed", str(seed)], env=os.environ, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    row = {"method": "ASPIRE common lines (class averages)", "exit": proc.returncode, "wall_seconds": wall,
+           "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
+    if proc.returncode == 0:
+        scored = score_aspire(out, sim)
+        row.update({k: v for k, v in scored.items() if k != "wall_seconds"}, pipeline_seconds=scored["wall_seconds"])
+    else:
+        row["error"] = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    return row
 
 
 def save(path: Path, rows, peers) -> None:

@@ -67,10 +67,7 @@ def to_relion(rotations: np.ndarray) -> np.ndarray:
     The whole pipeline on the same 500 noise-free particles (100 averages of 10, no whitening): 7.0°,
     74 % within 10°, FSC(0.5) 7.3 Å, 100 s.
     """
-    return np.transpose(rotations, (0, 2, 1)) if CONVENTION == "transpose" else np.asarray(rotations)
-
-
-CONVENTION = "transpose"
+    return np.transpose(np.asarray(rotations), (0, 2, 1))
 
 
 def run(star: Path, out: Path, seed: int = 0, img_size: int = 0, n_classes: int = 300, n_nbor: int = 20,
