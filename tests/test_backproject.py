@@ -150,7 +150,9 @@ def test_premultiplied_and_phase_flipped_data_give_the_same_map(tmp_path, rng):
     Statistical (seeded: see the ``statistical`` marker), not exact: over random draws 0–39 the
     largest difference was 1e-5 of the map's maximum at the median, but draw 27 gave 1.5 % (and one
     of CI's fresh draws 1.3e-4), with the torch gridding as with the C++ one. Some inputs disagree
-    beyond rounding; the cause is not found yet."""
+    beyond rounding. Most of it is the Nyquist line of the even box, where an astigmatic CTF applied
+    through rfft2/irfft2 is not Hermitian, so c applied twice and c² once differ (draw 27 with the
+    images' Nyquist row and column zeroed: 1.3e-4); not fixed yet."""
     images, rotations, shifts, _, params, ctf = _ctf_dataset(rng, n=64)  # exact: no need to fill the grid
     maps = []
     for folder, data, flags in (("plain", apply_ctf(images, ctf), {}),
